@@ -1,0 +1,305 @@
+"""The one typed config tree: every setting of every stage, with a default and a one-line doc.
+
+YAML files in `configs/` hold overrides only; the command line adds dotted overrides:
+
+    cfg = load_config("configs/tiny_cpu.yaml", ["sft.lr=1e-4", "run.stages=[sft,dpo]"])
+
+Validation is loud: an unknown key (with the closest valid key suggested), a wrong type or an
+impossible combination raises `ConfigError` naming the key, the value and what was expected.
+Nothing is rewritten behind the user's back; derived values are computed once, in properties.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STAGES = ("pretrain", "sft", "rm", "dpo")
+
+
+class ConfigError(ValueError):
+    """A config key has a bad value; the message names the key, the value and what was expected."""
+
+
+class Section(BaseModel):
+    # strict: "1" is not silently turned into 1; extra="forbid": typos are errors.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class RunConfig(Section):
+    name: str = Field("tiny_cpu", description="Run name; outputs go to <output_dir>/<name>.")
+    output_dir: str = Field("runs", description="Root folder for checkpoints, logs and reports.")
+    seed: int = Field(0, description="Seed for data order, model init and sampling.")
+    stages: list[Literal["pretrain", "sft", "rm", "dpo"]] = Field(
+        ["pretrain", "sft", "rm", "dpo"], description="Stages to run, in pipeline order."
+    )
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+class RayConfig(Section):
+    address: str | None = Field(
+        None, description="Cluster to join ('auto', 'ray://host:10001'); None: embedded local Ray."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray; None: all.")
+    object_store_memory_gb: float = Field(1.0, gt=0, description="Embedded Ray object store.")
+
+
+class TinyModelConfig(Section):
+    hidden_size: int = Field(128, ge=8, description="Width of the tiny Llama.")
+    num_layers: int = Field(4, ge=1, description="Decoder layers.")
+    num_heads: int = Field(4, ge=1, description="Attention heads.")
+    num_kv_heads: int = Field(4, ge=1, description="Key/value heads (GQA when < num_heads).")
+    intermediate_size: int = Field(352, ge=8, description="MLP width.")
+    max_position_embeddings: int = Field(512, ge=16, description="Longest sequence.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be divisible by num_kv_heads={self.num_kv_heads}"
+            )
+        return self
+
+
+class ModelConfig(Section):
+    path: str | None = Field(
+        None, description="Local HF checkpoint to start from; None: build the tiny model."
+    )
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    trust_remote_code: bool = Field(False, description="Allow checkpoint code to run (unsafe).")
+
+
+class LoRAConfig(Section):
+    enabled: bool = Field(False, description="Train LoRA adapters instead of all weights.")
+    r: int = Field(8, ge=1, description="Adapter rank.")
+    alpha: float = Field(16.0, gt=0, description="Adapter scale numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], description="Module names that get adapters."
+    )
+
+
+class DataFile(Section):
+    path: str = Field(description="JSONL, JSON, Parquet file or save_to_disk folder.")
+    weight: float = Field(1.0, gt=0, description="Mixing weight relative to the other files.")
+
+
+class TrainStageConfig(Section):
+    """Settings shared by every Ray Train stage."""
+
+    init_from: str | None = Field(
+        None, description="Checkpoint to start from; None: the previous stage's output."
+    )
+    train_files: list[DataFile] = Field(default_factory=list, description="Training data.")
+    eval_files: list[DataFile] = Field(default_factory=list, description="Held-out data.")
+    max_length: int = Field(256, ge=8, description="Longest tokenized sample.")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="Over-length samples.")
+    on_error: Literal["fail", "skip"] = Field("fail", description="Bad records: stop, or skip+count.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data parallel ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); else CPU and gloo.")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU.")
+    micro_batch_size: int = Field(8, ge=1, description="Samples per worker per forward pass.")
+    global_batch_size: int = Field(32, ge=1, description="Samples per optimizer step, all workers.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: list[float] = Field([0.9, 0.95], min_length=2, max_length=2, description="AdamW betas.")
+    grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
+    eval_interval: int = Field(50, ge=1, description="Steps between held-out evaluations.")
+    save_interval: int = Field(50, ge=1, description="Steps between resumable checkpoints.")
+    log_interval: int = Field(5, ge=1, description="Steps between metric logs.")
+    max_nonfinite_steps: int = Field(3, ge=1, description="Consecutive non-finite steps -> abort.")
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainStageConfig:
+        per_step = self.micro_batch_size * self.num_workers
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} must be a multiple of "
+                f"micro_batch_size * num_workers = {self.micro_batch_size} * "
+                f"{self.num_workers} = {per_step}"
+            )
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} must be smaller than max_steps={self.max_steps}"
+            )
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+
+class PretrainConfig(TrainStageConfig):
+    sources: dict[str, list[DataFile]] = Field(
+        default_factory=dict, description="Source name -> files of {'text': ...} records."
+    )
+    mix: dict[str, float] = Field(
+        default_factory=dict, description="Source name -> share of training tokens (sums to 1)."
+    )
+    token_budget: int = Field(1_000_000, ge=1, description="Tokens after mixing.")
+    near_dup_threshold: float = Field(0.8, gt=0, le=1, description="MinHash Jaccard threshold.")
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+
+    @model_validator(mode="after")
+    def _mix_matches_sources(self) -> PretrainConfig:
+        if set(self.mix) != set(self.sources):
+            raise ValueError(f"mix keys {sorted(self.mix)} must equal sources {sorted(self.sources)}")
+        if self.mix and abs(sum(self.mix.values()) - 1.0) > 1e-6:
+            raise ValueError(f"mix shares {self.mix} must sum to 1")
+        if self.lora.enabled:
+            raise ValueError("lora.enabled=True: pretraining trains all weights")
+        return self
+
+
+class SFTConfig(TrainStageConfig):
+    format: Literal["auto", "input_output", "instruction", "messages"] = Field(
+        "auto", description="Record format; auto detects it from the keys."
+    )
+
+
+class RewardModelConfig(TrainStageConfig):
+    format: Literal["auto", "pairwise", "ranked"] = Field("auto", description="Preference format.")
+    margin: float = Field(0.0, ge=0, description="Margin in -log sigmoid(r_w - r_l - margin).")
+
+
+class DPOConfig(TrainStageConfig):
+    loss: Literal["dpo", "ipo", "cdpo"] = Field("dpo", description="Preference loss.")
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL to the reference.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO label noise.")
+    nll_coef: float = Field(0.0, ge=0, description="Weight of an NLL term on chosen responses.")
+    format: Literal["auto", "pairwise", "ranked"] = Field("auto", description="Preference format.")
+
+    @model_validator(mode="after")
+    def _smoothing_needs_cdpo(self) -> DPOConfig:
+        if self.label_smoothing > 0 and self.loss != "cdpo":
+            raise ValueError(
+                f"label_smoothing={self.label_smoothing} only applies to loss='cdpo' "
+                f"(got loss={self.loss!r})"
+            )
+        return self
+
+
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    rm: RewardModelConfig = Field(default_factory=RewardModelConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+
+    @model_validator(mode="after")
+    def _stages_in_order(self) -> Config:
+        order = [s for s in STAGES if s in self.run.stages]
+        if order != list(self.run.stages):
+            raise ValueError(f"run.stages={self.run.stages} must follow pipeline order {order}")
+        for stage in self.run.stages:
+            if stage == "pretrain" and not self.pretrain.sources:
+                raise ValueError("pretrain.sources is empty: the stage has no data")
+            if stage != "pretrain" and not getattr(self, stage).train_files:
+                raise ValueError(f"{stage}.train_files is empty: the stage has no data")
+        return self
+
+    def fingerprint(self) -> str:
+        """Short hash of every setting; stored in checkpoint manifests."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+
+def _parse_scalar(text: str) -> Any:
+    """YAML-parse a command-line value; also accept `1e-4`, which YAML 1.1 leaves as a string."""
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, prefix + name + "."))
+    return keys
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _explain(err: ValidationError, source: str) -> ConfigError:
+    keys = _known_keys(Config)
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            lines.append(f"{key}: unknown key{hint}")
+        else:
+            shown = e.get("input")
+            value = "" if isinstance(shown, dict) else f" = {shown!r}"
+            lines.append(f"{key or '<root>'}{value}: {e['msg']}")
+    return ConfigError(f"invalid config ({source}):\n  " + "\n  ".join(lines))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- dotted `key=value` overrides, then validate."""
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(tree).__name__}")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. sft.lr=1e-4")
+        _set_dotted(tree, key.strip(), _parse_scalar(raw))
+    if overrides:
+        source += " + overrides " + " ".join(overrides)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise _explain(err, source) from None

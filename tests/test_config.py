@@ -1,0 +1,104 @@
+"""The typed config tree: defaults, YAML + dotted overrides, and loud validation."""
+
+from pathlib import Path
+
+import pytest
+
+from rlhf.config import Config, ConfigError, load_config
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_yaml_loads_validates_and_opens_with_a_header(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# "), f"{path.name} must open with a header comment"
+    assert "rlhf run" in path.read_text(), f"{path.name} header must show its launch command"
+
+
+def test_shipped_configs_include_the_embedded_default_and_a_gpu_model():
+    names = {p.name for p in CONFIGS}
+    assert "tiny_cpu.yaml" in names
+    gpu = [load_config(p) for p in CONFIGS if p.name != "tiny_cpu.yaml"]
+    assert any(c.model.path and c.sft.use_gpu for c in gpu)
+
+
+def test_dotted_overrides_take_precedence_over_yaml_with_typed_values():
+    cfg = load_config(CONFIGS[0].parent / "tiny_cpu.yaml",
+                      ["sft.lr=1e-4", "run.stages=[sft,dpo]", "dpo.loss=ipo", "sft.lora.enabled=true"])
+    assert cfg.sft.lr == pytest.approx(1e-4)
+    assert cfg.run.stages == ["sft", "dpo"]
+    assert cfg.dpo.loss == "ipo"
+    assert cfg.sft.lora.enabled is True
+
+
+def test_unknown_key_is_rejected_with_the_closest_key_suggested():
+    with pytest.raises(ConfigError, match=r"sft\.lrr: unknown key \(did you mean 'sft\.lr'\?\)"):
+        load_config(None, ["sft.lrr=0.1", "run.stages=[]"])
+
+
+def test_wrong_type_names_the_key_the_value_and_the_expected_type():
+    with pytest.raises(ConfigError, match=r"sft\.max_steps = 'many': Input should be a valid integer"):
+        load_config(None, ["sft.max_steps=many", "run.stages=[]"])
+
+
+def test_a_quoted_number_in_yaml_is_not_silently_converted(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run: {stages: []}\nsft: {max_steps: '10'}\n")
+    with pytest.raises(ConfigError, match=r"sft\.max_steps = '10'"):
+        load_config(path)
+
+
+def test_batch_sizes_that_do_not_divide_are_an_impossible_combination():
+    with pytest.raises(ConfigError, match=r"global_batch_size=30 must be a multiple of "
+                       r"micro_batch_size \* num_workers = 8 \* 2 = 16"):
+        load_config(None, ["sft.global_batch_size=30", "run.stages=[]"])
+
+
+def test_stages_out_of_pipeline_order_are_rejected():
+    with pytest.raises(ConfigError, match="must follow pipeline order"):
+        load_config(CONFIGS[0].parent / "tiny_cpu.yaml", ["run.stages=[dpo,sft]"])
+
+
+def test_a_stage_without_data_is_rejected():
+    with pytest.raises(ConfigError, match=r"rm\.train_files is empty"):
+        load_config(None, ["run.stages=[rm]"])
+
+
+def test_pretraining_mix_must_cover_the_sources_and_sum_to_one():
+    with pytest.raises(ConfigError, match="must sum to 1"):
+        load_config(CONFIGS[0].parent / "tiny_cpu.yaml", ["pretrain.mix.web=0.5"])
+
+
+def test_label_smoothing_outside_cdpo_is_rejected_not_rewritten():
+    with pytest.raises(ConfigError, match="only applies to loss='cdpo'"):
+        load_config(None, ["dpo.label_smoothing=0.1", "run.stages=[]"])
+
+
+def test_missing_file_and_bad_yaml_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_override_without_equals_sign_is_explained():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["sft.lr"])
+
+
+def test_fingerprint_changes_with_any_setting():
+    a = load_config(None, ["run.stages=[]"])
+    b = load_config(None, ["run.stages=[]", "sft.lr=0.5"])
+    assert a.fingerprint() != b.fingerprint()
+    assert a.fingerprint() == load_config(None, ["run.stages=[]"]).fingerprint()
+
+
+def test_derived_gradient_accumulation_steps():
+    cfg = load_config(None, ["run.stages=[]", "sft.global_batch_size=64",
+                             "sft.micro_batch_size=8", "sft.num_workers=2"])
+    assert cfg.sft.grad_accum_steps == 4  # 64 / (8 * 2)
