@@ -1,0 +1,159 @@
+"""The one DeepSpeed import: engine config from flat settings, init, state save/load, HF export.
+
+Everything DeepSpeed-specific lives here so the rest of the training code reads as plain PyTorch:
+
+    engine = init_engine(model, lr=1e-3, ..., zero_stage=2, micro_batch_size=8, grad_accum_steps=2)
+    engine.backward(loss); engine.step()
+    save_engine_state(engine, "ckpt/engine"); load_engine_state(engine, "ckpt/engine")
+
+On CPU DeepSpeed runs with gloo (the process group Ray Train already created) and fp32; on GPU with
+NCCL and bf16. The optimizer (AdamW) and the warmup+cosine schedule are plain torch objects handed
+to DeepSpeed, so their state travels in its checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+
+
+def precision_dtype(precision: str, use_gpu: bool) -> torch.dtype:
+    """`auto` means bf16 on GPU and fp32 on CPU (CPU bf16 matmuls are slow on most hosts)."""
+    if precision == "auto":
+        return torch.bfloat16 if use_gpu else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def ds_config(
+    *,
+    zero_stage: int,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    grad_clip: float,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage == 3:
+        # Lets rank 0 gather full weights for the Hugging Face export.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to `min_lr_ratio` at `max_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def init_engine(
+    model: torch.nn.Module,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    warmup_steps: int,
+    max_steps: int,
+    min_lr_ratio: float,
+    zero_stage: int,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    grad_clip: float,
+    dtype: torch.dtype,
+) -> Any:
+    """Wrap `model` in a DeepSpeed engine with AdamW and a warmup+cosine schedule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = GuardedAdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: warmup_cosine(
+            step, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr_ratio
+        ),
+    )
+    config = ds_config(
+        zero_stage=zero_stage,
+        micro_batch_size=micro_batch_size,
+        grad_accum_steps=grad_accum_steps,
+        grad_clip=grad_clip,
+        dtype=dtype,
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+    )
+    return engine
+
+
+def save_engine_state(engine: Any, path: str | Path) -> None:
+    """Optimizer, scheduler and (partitioned) weights of this rank; every rank must call it."""
+    engine.save_checkpoint(str(path), tag="state", save_latest=False)
+
+
+def load_engine_state(engine: Any, path: str | Path) -> None:
+    load_path, _ = engine.load_checkpoint(
+        str(path), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise RuntimeError(f"no DeepSpeed state under {path}")
+
+
+def full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
+    """Full (gathered) weights on rank 0, None elsewhere. Every rank must call it (ZeRO-3)."""
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+        return state if int(os.environ.get("RANK", engine.global_rank)) == 0 else None
+    if engine.global_rank != 0:
+        return None
+    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+def global_grad_norm(engine: Any) -> float:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips (and counts) any step whose gradients are not all finite.
+
+    DeepSpeed calls `step()` on each rank's partition of the gradients, so the finiteness flag is
+    all-reduced: either every rank steps or none does. Gradient clipping by a NaN norm turns every
+    gradient into NaN, so a NaN norm is caught here too.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skipped_steps = 0
+        self.last_step_skipped = False
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        bad = torch.zeros(1)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    bad.fill_(1.0)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            device = self.param_groups[0]["params"][0].device
+            bad = bad.to(device)
+            torch.distributed.all_reduce(bad)
+        self.last_step_skipped = bool(bad.item() > 0)
+        if self.last_step_skipped:
+            self.skipped_steps += 1
+            return None
+        return super().step(closure)
