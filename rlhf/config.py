@@ -137,6 +137,11 @@ class TrainStageConfig(Section):
                 f"micro_batch_size * num_workers = {self.micro_batch_size} * "
                 f"{self.num_workers} = {per_step}"
             )
+        if self.lora.enabled and self.zero_stage == 3:
+            raise ValueError(
+                "lora.enabled=True with zero_stage=3: adapters are merged for export from full "
+                "weights; use zero_stage 0-2 with LoRA (the frozen base is small per rank anyway)"
+            )
         if self.warmup_steps >= self.max_steps:
             raise ValueError(
                 f"warmup_steps={self.warmup_steps} must be smaller than max_steps={self.max_steps}"
@@ -198,6 +203,11 @@ class DPOConfig(TrainStageConfig):
         return self
 
 
+class EvalConfig(Section):
+    num_prompts: int = Field(200, ge=1, description="Held-out prompts each policy answers.")
+    max_new_tokens: int = Field(16, ge=1, description="Longest greedy answer in evaluation.")
+
+
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -206,6 +216,7 @@ class Config(Section):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     rm: RewardModelConfig = Field(default_factory=RewardModelConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _stages_in_order(self) -> Config:

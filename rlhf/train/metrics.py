@@ -22,7 +22,7 @@ class MetricsWriter:
         from torch.utils.tensorboard import SummaryWriter
 
         stage_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(stage_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.jsonl = open(stage_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self.tb = SummaryWriter(str(stage_dir / "tensorboard"))
 
     def log(self, step: int, metrics: dict[str, float], total: int | None = None) -> None:

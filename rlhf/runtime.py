@@ -1,0 +1,168 @@
+"""Starting or joining Ray: an embedded single-node cluster bound to loopback, or an existing one.
+
+    from rlhf.runtime import init_ray, shutdown_ray
+    init_ray(num_cpus=2, object_store_memory_gb=1.0)   # embedded: every port on 127.0.0.1
+    ...
+    shutdown_ray()
+
+Which cluster, in order: the `address` argument; `RAY_ADDRESS` (set by the user, or by
+`ray job submit` for its entrypoint, which also sets RAY_JOB_CONFIG_JSON_ENV_VAR); otherwise a new
+embedded cluster in this process.
+
+Loopback binding: Ray 2.60 has no bind-address option on Linux; every server (GCS, raylet, core
+workers, dashboard agent, runtime-env agent, metrics ports) binds to the node IP when that IP is a
+loopback address, and to all interfaces otherwise. The node IP is the machine's routable address
+unless `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` (the single-machine mode Ray uses on macOS and
+Windows), in which case it is 127.0.0.1. `init_ray` turns that mode on for embedded clusters (and
+checks the node IP afterwards) and for joining a cluster at a loopback address, which Ray would
+otherwise rewrite to the routable address, where nothing listens.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+# Read by ray._private.ray_constants at import time; `_loopback_only` also covers a late import.
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Set by `ray job submit` in the entrypoint's environment, next to RAY_ADDRESS.
+JOB_SUBMISSION_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# What SINGLE_MACHINE_ENV held before `_loopback_only` set it; `shutdown_ray` puts it back.
+_saved_env: list[str | None] = []
+
+
+def cluster_address(address: str | None = None) -> str | None:
+    """The cluster to join: `address`, else RAY_ADDRESS, else "auto" under `ray job submit`.
+
+    None means: start an embedded cluster.
+    """
+    if address:
+        return address
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    if os.environ.get(JOB_SUBMISSION_ENV):
+        return "auto"
+    return None
+
+
+def init_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    object_store_memory_gb: float = 1.0,
+    dashboard: bool = False,
+    runtime_env: dict | None = None,
+) -> str:
+    """Start the embedded cluster or join an existing one; return the address joined.
+
+    Idempotent: when Ray is already initialised in this process nothing changes. `num_cpus`,
+    `object_store_memory_gb` and `dashboard` apply only to an embedded cluster (the dashboard, if
+    asked for, serves on 127.0.0.1). Usage statistics are never sent.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context().gcs_address
+    join = cluster_address(address)
+    if join is not None:
+        if _is_loopback_cluster(join):
+            _loopback_only()  # else Ray rewrites 127.0.0.1 to this machine's routable address
+        ray.init(address=join, runtime_env=runtime_env)
+        return join
+    _loopback_only()
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        object_store_memory=int(object_store_memory_gb * 2**30),
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
+        runtime_env=runtime_env,
+    )
+    node_ip = ray.util.get_node_ip_address()
+    if not is_loopback(node_ip):
+        ray.shutdown()
+        raise RuntimeError(f"embedded Ray took node IP {node_ip}, not loopback; refusing to run")
+    return ray.get_runtime_context().gcs_address
+
+
+def shutdown_ray() -> None:
+    """Disconnect from Ray (an embedded cluster stops with it) and undo the loopback mode.
+
+    A no-op when Ray is not initialised.
+    """
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    if _saved_env:
+        from ray._private import ray_constants
+
+        previous = _saved_env.pop()
+        if previous is None:
+            os.environ.pop(SINGLE_MACHINE_ENV, None)
+            ray_constants.ENABLE_RAY_CLUSTER = not ray_constants.IS_WINDOWS_OR_OSX
+        else:
+            os.environ[SINGLE_MACHINE_ENV] = previous
+            ray_constants.ENABLE_RAY_CLUSTER = previous != "0"
+
+
+def is_loopback(ip: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback (::ffff:127.0.0.1); False for 0.0.0.0/::."""
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_loopback
+
+
+def listening_sockets(pid: int | None = None) -> list[tuple[int, str, str, int]]:
+    """(pid, process name, ip, port) of every listening TCP socket of a process and its children.
+
+    `pid=None` is this process: with an embedded cluster that covers every Ray process (GCS,
+    raylet, agents, workers), and an in-process vLLM engine.
+    """
+    import psutil
+
+    root = psutil.Process(pid)
+    found = []
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            conns, name = proc.net_connections(kind="inet"), proc.name()
+        except psutil.NoSuchProcess:  # exited meanwhile
+            continue
+        found += [
+            (proc.pid, name, c.laddr.ip, c.laddr.port)
+            for c in conns
+            if c.status == psutil.CONN_LISTEN
+        ]
+    return found
+
+
+def _is_loopback_cluster(address: str) -> bool:
+    """Whether `address` ("host:port", or "auto": the latest local cluster) is on loopback."""
+    if address.startswith("ray://"):  # Ray Client: no local node, nothing binds here
+        return False
+    if address == "auto":
+        from ray._private.services import get_ray_address_from_environment
+
+        try:
+            address = get_ray_address_from_environment("auto", None) or ""
+        except ConnectionError:  # no cluster running: ray.init reports it
+            return False
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        return host == "localhost" or is_loopback(host)
+    except ValueError:  # a host name
+        return False
+
+
+def _loopback_only() -> None:
+    """Make Ray pick 127.0.0.1 as the node IP (its macOS/Windows single-machine mode).
+
+    The environment variable reaches every process Ray starts; the constant is set too in case
+    Ray was imported before this ran (it reads the variable once, at import).
+    """
+    if not _saved_env:
+        _saved_env.append(os.environ.get(SINGLE_MACHINE_ENV))
+    os.environ[SINGLE_MACHINE_ENV] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False

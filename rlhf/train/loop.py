@@ -1,0 +1,210 @@
+"""The training loop every Ray Train stage shares (pretrain, SFT, reward model, DPO).
+
+Runs inside each `TorchTrainer` worker. A stage plugs in through a `StageTask` (rlhf/train/tasks.py):
+how to load its data, build its model, compute its loss and evaluation sums, and export weights.
+The loop owns everything else: the data order, gradient accumulation, DeepSpeed, evaluation,
+non-finite guards, metrics, and checkpoints that resume exactly.
+
+Data order: the sample at stream position p is `perm(seed + p // N)[p % N]`, so step s reads
+positions [s*G, (s+1)*G) whatever the number of workers. Each rank takes every world-th micro-batch
+of that global batch, and every loss is normalised by the global batch's token (or pair) count,
+so 1 worker and 2 workers compute the same gradient for the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rlhf import engine as eng
+from rlhf.config import Config
+from rlhf.train.checkpoint import write_manifest
+from rlhf.train.metrics import MetricsWriter
+from rlhf.train.tasks import TASKS, StageTask
+
+
+@dataclass
+class StageData:
+    """What the driver prepared for a stage: tokenized train / eval rows and the data report."""
+
+    train: Any
+    eval: Any
+    report: dict
+
+    @classmethod
+    def load(cls, folder: Path) -> StageData:
+        from datasets import load_from_disk
+
+        return cls(load_from_disk(str(folder / "train")), load_from_disk(str(folder / "eval")),
+                   json.loads((folder / "report.json").read_text()))
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+def stream_indices(start: int, count: int, n: int, seed: int) -> list[int]:
+    """Sample ids at stream positions [start, start + count): a fresh permutation per epoch."""
+    out, perms = [], {}
+    for pos in range(start, start + count):
+        epoch = pos // n
+        if epoch not in perms:
+            gen = torch.Generator().manual_seed(seed + epoch)
+            perms[epoch] = torch.randperm(n, generator=gen).tolist()
+        out.append(perms[epoch][pos % n])
+    return out
+
+
+def _all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
+    if not values:
+        return {}
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def evaluate(task: StageTask, model: torch.nn.Module, eval_ds: Any, rank: int, world: int,
+             batch_size: int) -> dict[str, float]:
+    """Sharded evaluation: each rank sums over its slice, sums are all-reduced, then finished."""
+    model.eval()
+    sums: dict[str, float] = {}
+    ids = list(range(rank, len(eval_ds), world))
+    with torch.no_grad():
+        for i in range(0, len(ids), batch_size):
+            batch = task.collate([eval_ds[j] for j in ids[i : i + batch_size]])
+            for k, v in task.eval_sums(model, batch).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+    # Ranks with an empty slice still take part in the all-reduce.
+    sums = _all_reduce_sum({k: sums.get(k, 0.0) for k in task.eval_keys})
+    model.train()
+    return task.finish_eval(sums)
+
+
+def _save(engine: Any, task: StageTask, state: dict, cfg: Config, stage: str, rank: int,
+          world: int, init_dir: str) -> str:
+    """Every rank writes its DeepSpeed state; rank 0 adds the HF export and the trainer state."""
+    root = Path(tempfile.mkdtemp(prefix=f"{stage}-ckpt-"))
+    eng.save_engine_state(engine, root / "engine")
+    weights = eng.full_state_dict(engine)
+    if rank == 0:
+        task.export(engine.module, weights, init_dir, root / "model")
+        (root / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    files = [p for p in root.rglob("*") if p.is_file()]
+    write_manifest(root, files, rank=rank, world_size=world, step=state["step"],
+                   fingerprint=cfg.fingerprint())
+    return str(root)
+
+
+def train_stage(loop_config: dict) -> None:
+    """Entry point of a Ray Train worker: `loop_config` holds the config, stage and paths."""
+    import ray.train
+
+    cfg = Config.model_validate(loop_config["config"])
+    stage, init_dir, resume_dir = (
+        loop_config["stage"], loop_config["init_dir"], loop_config.get("resume_dir")
+    )
+    scfg = getattr(cfg, stage)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not scfg.use_gpu:
+        torch.set_num_threads(scfg.cpus_per_worker)
+    task = TASKS[stage](cfg)
+    torch.manual_seed(cfg.run.seed)
+
+    data = StageData.load(Path(loop_config["stage_dir"]) / "data")
+    model = task.build_model(cfg, init_dir)
+    dtype = eng.precision_dtype(scfg.precision, scfg.use_gpu)
+    engine = eng.init_engine(
+        model, lr=scfg.lr, betas=tuple(scfg.betas), weight_decay=scfg.weight_decay,
+        warmup_steps=scfg.warmup_steps, max_steps=scfg.max_steps, min_lr_ratio=scfg.min_lr_ratio,
+        zero_stage=scfg.zero_stage, micro_batch_size=scfg.micro_batch_size,
+        grad_accum_steps=scfg.grad_accum_steps, grad_clip=scfg.grad_clip, dtype=dtype,
+    )
+    state = {"step": 0, "skipped_steps": 0, "nonfinite_streak": 0}
+    if resume_dir:
+        eng.load_engine_state(engine, Path(resume_dir) / "engine")
+        state = json.loads((Path(resume_dir) / "trainer_state.json").read_text())
+        torch.manual_seed(cfg.run.seed + state["step"])
+
+    writer = MetricsWriter(Path(loop_config["stage_dir"]), enabled=rank == 0)
+    if rank == 0 and not resume_dir:
+        writer.log_event("data", data.report)
+    _run_steps(task, engine, data, cfg, stage, state, rank, world, writer, init_dir)
+    writer.close()
+
+
+def _train_step(task: StageTask, engine: Any, data: Any, scfg: Any, seed: int, step: int,
+                rank: int, world: int) -> dict[str, float]:
+    """One optimizer step over one global batch; returns metrics summed over all ranks."""
+    mb, gas = scfg.micro_batch_size, scfg.grad_accum_steps
+    ids = stream_indices(step * scfg.global_batch_size, scfg.global_batch_size, len(data.train),
+                         seed)
+    rows = [data.train[i] for i in ids]
+    norm = max(1, task.loss_weight(rows))
+    sums: dict[str, float] = {}
+    for k in range(gas):
+        start = (k * world + rank) * mb
+        batch = task.collate(rows[start : start + mb])
+        loss, metrics = task.loss(engine.module, batch, norm)
+        # DeepSpeed averages gradients over ranks and divides by `gas`; undo both so the summed
+        # gradient equals d(sum of per-token losses / global tokens).
+        engine.backward(loss * world * gas)
+        engine.step()
+        for key, v in {"loss": loss.item(), **metrics}.items():
+            sums[key] = sums.get(key, 0.0) + float(v)
+    return _all_reduce_sum(sums)
+
+
+def _run_steps(task: StageTask, engine: Any, data: Any, cfg: Config, stage: str, state: dict,
+               rank: int, world: int, writer: MetricsWriter, init_dir: str) -> None:
+    import ray.train
+
+    scfg = getattr(cfg, stage)
+    optimizer = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else (
+        engine.optimizer)
+    t_start, tokens = time.time(), 0.0
+    while state["step"] < scfg.max_steps:
+        step = state["step"]
+        sums = _train_step(task, engine, data, scfg, cfg.run.seed, step, rank, world)
+        skipped = getattr(optimizer, "last_step_skipped", False)
+        state["skipped_steps"] += int(skipped)
+        state["nonfinite_streak"] = state["nonfinite_streak"] + 1 if skipped else 0
+        if state["nonfinite_streak"] >= scfg.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{stage}: {state['nonfinite_streak']} steps in a row had a non-finite loss or "
+                f"gradient (last at step {step + 1}); lower {stage}.lr or check the data"
+            )
+        state["step"] = step + 1
+        tokens += sums.get("tokens", 0.0)
+        metrics = {f"{stage}/{k}": v for k, v in task.finish_train(sums).items()}
+        metrics.update({
+            f"{stage}/lr": engine.get_lr()[0],
+            f"{stage}/grad_norm": eng.global_grad_norm(engine),
+            f"{stage}/skipped_steps": state["skipped_steps"],
+            f"{stage}/tokens_per_s": tokens / max(1e-9, time.time() - t_start),
+        })
+        last = state["step"] == scfg.max_steps
+        if state["step"] % scfg.eval_interval == 0 or last:
+            ev = evaluate(task, engine.module, data.eval, rank, world, scfg.micro_batch_size)
+            metrics.update({f"{stage}/eval_{k}": v for k, v in ev.items()})
+        if state["step"] % scfg.log_interval == 0 or last or state["step"] == 1:
+            writer.log(state["step"], metrics, total=scfg.max_steps)
+        ckpt = None
+        if state["step"] % scfg.save_interval == 0 or last:
+            ckpt = _save(engine, task, state, cfg, stage, rank, world, init_dir)
+        ray.train.report(
+            {**metrics, "step": state["step"]},
+            checkpoint=ray.train.Checkpoint.from_directory(ckpt) if ckpt else None,
+        )
+        if ckpt:
+            shutil.rmtree(ckpt, ignore_errors=True)  # Ray has copied it into storage

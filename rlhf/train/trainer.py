@@ -1,0 +1,118 @@
+"""Launch one offline stage (pretrain, SFT, reward model, DPO) as a Ray Train `TorchTrainer`.
+
+    final_model_dir = run_stage(cfg, "sft", init_dir="runs/tiny_cpu/pretrain/model")
+
+The driver prepares and validates the stage's data once (bad input fails here, before any worker
+starts) and saves it next to the stage; the workers load it from disk. Every checkpoint a worker
+reports lands in `<run>/ray_train/<stage>/checkpoint_*`; re-running the same command resumes from
+the newest one that validates. When the stage ends its HF export is committed atomically to
+`<run>/<stage>/model` and `<run>/<stage>/done.json` marks it finished, so a re-run skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rlhf.config import Config
+from rlhf.train.checkpoint import CheckpointError, commit_dir, newest_valid_checkpoint
+from rlhf.train.tasks import TASKS
+
+
+class StageFailedError(RuntimeError):
+    """A stage's workers failed; the message carries the root cause."""
+
+
+def stage_paths(cfg: Config, stage: str) -> tuple[Path, Path]:
+    """(stage_dir, ray_storage) as absolute paths: Ray Train needs absolute storage paths."""
+    run_dir = cfg.run.dir.resolve()
+    return run_dir / stage, run_dir / "ray_train"
+
+
+def prepare_stage_data(cfg: Config, stage: str, init_dir: str, stage_dir: Path) -> dict:
+    """Validate, tokenize and save the stage's data under `<stage_dir>/data`; return the report."""
+    data_dir = stage_dir / "data"
+    report_path = data_dir / "report.json"
+    if report_path.exists():
+        return json.loads(report_path.read_text())
+    train, evals, report = TASKS[stage](cfg).prepare_data(cfg, init_dir)
+    tmp = stage_dir / ".data.tmp"
+    train.save_to_disk(str(tmp / "train"))
+    evals.save_to_disk(str(tmp / "eval"))
+    (tmp / "report.json").write_text(json.dumps(report, indent=1))
+    commit_dir(tmp, data_dir)
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def run_stage(cfg: Config, stage: str, init_dir: str) -> dict:
+    """Train `stage` from `init_dir` (or resume it); return its `done.json` summary."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rlhf.train.loop import train_stage
+
+    stage_dir, storage = stage_paths(cfg, stage)
+    done = stage_dir / "done.json"
+    if done.exists():
+        print(f"== {stage}: already done ({done}); skipping", flush=True)
+        return json.loads(done.read_text())
+    scfg = getattr(cfg, stage)
+    t0 = time.time()
+    report = prepare_stage_data(cfg, stage, init_dir, stage_dir)
+    resume = newest_valid_checkpoint(sorted((storage / stage).glob("checkpoint_*")))
+    if resume is not None:
+        print(f"== {stage}: resuming from {resume}", flush=True)
+    trainer = TorchTrainer(
+        train_stage,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "stage": stage,
+            "init_dir": str(init_dir),
+            "stage_dir": str(stage_dir),
+            "resume_dir": str(resume) if resume else None,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=scfg.num_workers,
+            use_gpu=scfg.use_gpu,
+            resources_per_worker={"CPU": scfg.cpus_per_worker, **({"GPU": 1} if scfg.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=stage,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps worker errors; surface the root cause, not the wrapper.
+        raise StageFailedError(f"{stage} failed: {_root_cause(exc)}") from exc
+    final = newest_valid_checkpoint(sorted((storage / stage).glob("checkpoint_*")))
+    if final is None:
+        raise CheckpointError(f"{stage}: finished without a checkpoint under {storage / stage}")
+    commit_dir(final / "model", stage_dir / "model")
+    summary = {
+        "stage": stage,
+        "model": str(stage_dir / "model"),
+        "init_from": str(init_dir),
+        "wall_s": round(time.time() - t0, 1),
+        "metrics": {k: v for k, v in (result.metrics or {}).items() if k.startswith(stage)},
+        "data": report,
+    }
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.rename(done)
+    return summary
+
+
+def _root_cause(exc: BaseException) -> str:
+    seen = exc
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = str(seen).strip().splitlines()
+    # Ray prefixes the worker traceback; the last line holds "ErrorType: message".
+    return text[-1] if text else type(seen).__name__

@@ -1,0 +1,134 @@
+"""Each Ray Train stage for a few steps on a real local Ray cluster with DeepSpeed (gloo, CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf.config import load_config
+from rlhf.train.trainer import run_stage
+
+pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = [
+    "model.tiny.hidden_size=64", "model.tiny.num_layers=2", "model.tiny.num_heads=2",
+    "model.tiny.num_kv_heads=2", "model.tiny.intermediate_size=64",
+]
+
+
+def small_config(tmp_path, stage, *extra):
+    """The shipped demo config, shrunk to a few steps of a very small model."""
+    overrides = [
+        f"run.output_dir={tmp_path}", "run.name=t", f"run.stages=[{stage}]", *TINY,
+        f"{stage}.max_steps=4", f"{stage}.warmup_steps=1", f"{stage}.micro_batch_size=2",
+        f"{stage}.global_batch_size=8", f"{stage}.eval_interval=2", f"{stage}.save_interval=2",
+        f"{stage}.log_interval=1", *extra,
+    ]
+    if stage == "pretrain":
+        overrides += ["pretrain.token_budget=20000", "pretrain.max_length=64"]
+    return load_config(REPO / "configs/tiny_cpu.yaml", overrides)
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory, ray_cluster):
+    from rlhf.driver import base_model as build
+
+    cfg = load_config(REPO / "configs/tiny_cpu.yaml",
+                      [f"run.output_dir={tmp_path_factory.mktemp('base')}", *TINY])
+    return build(cfg)
+
+
+def _metrics(stage_dir):
+    lines = [json.loads(x) for x in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if "step" in x]
+
+
+def _weights(model_dir):
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "rm", "dpo"])
+def test_each_stage_trains_a_few_steps_and_exports_a_loadable_hf_checkpoint(
+    tmp_path, base_model, stage
+):
+    cfg = small_config(tmp_path, stage)
+    summary = run_stage(cfg, stage, base_model)
+    stage_dir = Path(summary["model"]).parent
+    rows = _metrics(stage_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(isinstance(r[f"{stage}/loss"], float) for r in rows)
+    assert f"{stage}/eval_loss" in rows[-1]
+    assert (stage_dir / "tensorboard").is_dir()
+    assert json.loads((stage_dir / "done.json").read_text())["stage"] == stage
+    before, after = _weights(base_model), _weights(summary["model"])
+    changed = [k for k in before if k in after and not torch.equal(before[k], after[k])]
+    assert changed, "training changed no weight"
+    if stage == "rm":
+        from rlhf.models.factory import load_reward_model
+
+        assert load_reward_model(summary["model"]) is not None
+        assert 0.0 <= rows[-1]["rm/eval_accuracy"] <= 1.0
+    else:
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(summary["model"])
+    # A second run of the same command skips the finished stage.
+    assert run_stage(cfg, stage, base_model)["wall_s"] == summary["wall_s"]
+
+
+def test_two_workers_and_one_worker_give_the_same_weights_for_the_same_global_batches(
+    tmp_path, base_model
+):
+    one = run_stage(small_config(tmp_path / "w1", "sft", "sft.num_workers=1",
+                                 "sft.max_steps=2", "sft.micro_batch_size=4"), "sft", base_model)
+    two = run_stage(small_config(tmp_path / "w2", "sft", "sft.num_workers=2",
+                                 "sft.max_steps=2", "sft.micro_batch_size=2"), "sft", base_model)
+    w1, w2 = _weights(one["model"]), _weights(two["model"])
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_non_finite_run_aborts_with_a_clear_error(tmp_path, base_model):
+    from rlhf.train.trainer import StageFailedError
+
+    cfg = small_config(tmp_path, "sft", "sft.lr=1e30", "sft.warmup_steps=0", "sft.max_steps=8",
+                       "sft.grad_clip=1e30")
+    with pytest.raises(StageFailedError, match=r"steps in a row had a non-finite loss or gradient"):
+        run_stage(cfg, "sft", base_model)
+
+
+def test_rerunning_after_a_kill_resumes_and_matches_an_uninterrupted_run(tmp_path, base_model):
+    args = [f"sft.init_from={base_model}", "sft.max_steps=6", "sft.save_interval=2"]
+    # Uninterrupted reference run, in this process's Ray cluster.
+    ref = run_stage(small_config(tmp_path / "ref", "sft", *args), "sft", base_model)
+
+    cmd = [sys.executable, "-m", "rlhf.cli", "run", str(REPO / "configs/tiny_cpu.yaml"),
+           f"run.output_dir={tmp_path / 'kill'}", "run.name=t", "run.stages=[sft]", *TINY,
+           "sft.warmup_steps=1", "sft.micro_batch_size=2", "sft.global_batch_size=8",
+           "sft.eval_interval=2", "sft.log_interval=1", *args]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    ckpts = tmp_path / "kill/t/ray_train/sft"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(ckpts.glob("checkpoint_*/manifest.rank1.json")):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(ckpts.glob("checkpoint_*")), "the run was killed before its first checkpoint"
+    assert not (tmp_path / "kill/t/sft/done.json").exists()
+
+    resumed = run_stage(small_config(tmp_path / "kill", "sft", *args), "sft", base_model)
+    steps = [r["step"] for r in _metrics(Path(resumed["model"]).parent)]
+    assert steps[0] == 1 and steps[-1] == 6 and steps.count(1) == 1  # no restart from scratch
+    w_ref, w_res = _weights(ref["model"]), _weights(resumed["model"])
+    for k in w_ref:
+        torch.testing.assert_close(w_ref[k], w_res[k], rtol=1e-5, atol=1e-6, msg=k)
