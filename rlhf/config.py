@@ -21,6 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 STAGES = ("pretrain", "sft", "rm", "dpo")
+# Head sizes vLLM's CPU attention kernels support (the rollout engine must load the tiny model).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 class ConfigError(ValueError):
@@ -66,6 +68,12 @@ class TinyModelConfig(Section):
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
+            )
+        head = self.hidden_size // self.num_heads
+        if head not in VLLM_CPU_HEAD_SIZES:
+            raise ValueError(
+                f"hidden_size/num_heads = {self.hidden_size}/{self.num_heads} = {head}: vLLM's "
+                f"CPU attention supports head sizes {VLLM_CPU_HEAD_SIZES}"
             )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(

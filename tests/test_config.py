@@ -102,3 +102,9 @@ def test_derived_gradient_accumulation_steps():
     cfg = load_config(None, ["run.stages=[]", "sft.global_batch_size=64",
                              "sft.micro_batch_size=8", "sft.num_workers=2"])
     assert cfg.sft.grad_accum_steps == 4  # 64 / (8 * 2)
+
+
+def test_a_tiny_model_head_size_vllm_cannot_run_is_rejected():
+    with pytest.raises(ConfigError, match=r"hidden_size/num_heads = 32/2 = 16"):
+        load_config(None, ["run.stages=[]", "model.tiny.hidden_size=32", "model.tiny.num_heads=2",
+                           "model.tiny.num_kv_heads=2"])

@@ -2,6 +2,7 @@
 
 One engine for the whole module (vLLM startup on CPU: ~10 s with the import). Exact token ids are
 compared, so the random model needs no training: fp32 on both sides makes ties vanishingly rare.
+The first test sees the weights loaded from disk; every later test pushes the weights it needs.
 """
 
 import time
