@@ -140,10 +140,12 @@ class GuardedAdamW(torch.optim.AdamW):
         super().__init__(*args, **kwargs)
         self.skipped_steps = 0
         self.last_step_skipped = False
+        self.force_skip = False  # set by the training loop when a loss was non-finite
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        bad = torch.zeros(1)
+        bad = torch.full((1,), 1.0 if self.force_skip else 0.0)
+        self.force_skip = False
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None and not torch.isfinite(p.grad).all():

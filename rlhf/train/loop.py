@@ -14,6 +14,7 @@ so 1 worker and 2 workers compute the same gradient for the same global batch.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -45,6 +46,12 @@ class StageData:
 
         return cls(load_from_disk(str(folder / "train")), load_from_disk(str(folder / "eval")),
                    json.loads((folder / "report.json").read_text()))
+
+
+def optimizer_of(engine: Any) -> eng.GuardedAdamW:
+    """Our AdamW inside DeepSpeed's wrapper (ZeRO) or as is (stage 0)."""
+    opt = engine.optimizer
+    return opt if isinstance(opt, eng.GuardedAdamW) else opt.optimizer
 
 
 class NonFiniteError(RuntimeError):
@@ -151,11 +158,18 @@ def _train_step(task: StageTask, engine: Any, data: Any, scfg: Any, seed: int, s
                          seed)
     rows = [data.train[i] for i in ids]
     norm = max(1, task.loss_weight(rows))
-    sums: dict[str, float] = {}
+    sums: dict[str, float] = {"nonfinite_loss": 0.0}
     for k in range(gas):
         start = (k * world + rank) * mb
         batch = task.collate(rows[start : start + mb])
         loss, metrics = task.loss(engine.module, batch, norm)
+        # Every rank must take the same branch: agree on whether any rank's loss is bad.
+        bad = _all_reduce_sum({"bad": float(not torch.isfinite(loss).item())})["bad"] > 0
+        if bad:
+            # A zero loss keeps DeepSpeed's accumulation bookkeeping; the optimizer skips.
+            sums["nonfinite_loss"] += 1.0 / world
+            optimizer_of(engine).force_skip = True
+            loss = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
         # DeepSpeed averages gradients over ranks and divides by `gas`; undo both so the summed
         # gradient equals d(sum of per-token losses / global tokens).
         engine.backward(loss * world * gas)
@@ -170,13 +184,14 @@ def _run_steps(task: StageTask, engine: Any, data: Any, cfg: Config, stage: str,
     import ray.train
 
     scfg = getattr(cfg, stage)
-    optimizer = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else (
-        engine.optimizer)
+    optimizer = optimizer_of(engine)
     t_start, tokens = time.time(), 0.0
     while state["step"] < scfg.max_steps:
         step = state["step"]
         sums = _train_step(task, engine, data, scfg, cfg.run.seed, step, rank, world)
-        skipped = getattr(optimizer, "last_step_skipped", False)
+        # Skipped by our guard, or by DeepSpeed itself (it skips on overflow without calling us).
+        skipped = (optimizer.last_step_skipped or sums["nonfinite_loss"] > 0
+                   or not math.isfinite(eng.global_grad_norm(engine)))
         state["skipped_steps"] += int(skipped)
         state["nonfinite_streak"] = state["nonfinite_streak"] + 1 if skipped else 0
         if state["nonfinite_streak"] >= scfg.max_nonfinite_steps:
