@@ -76,6 +76,9 @@ class RolloutEngine:
             os.environ.setdefault(key, value)
         from vllm import LLM
 
+        # vLLM's CPU worker replaces torch.set_num_threads and drops torch to one thread for the
+        # whole process; `shutdown` gives the process both back.
+        self._torch_threads = (torch.set_num_threads, torch.get_num_threads())
         on_gpu = torch.cuda.is_available()
         if kv_cache_gb is None and not on_gpu:
             kv_cache_gb = 0.25
@@ -175,6 +178,9 @@ class RolloutEngine:
         self.llm.llm_engine.engine_core.shutdown()
         del self.llm
         cleanup_dist_env_and_memory()
+        set_num_threads, num_threads = self._torch_threads
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(num_threads)
 
 
 def _check_fused_groups_whole(names: set[str]) -> None:

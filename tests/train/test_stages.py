@@ -84,6 +84,18 @@ def test_each_stage_trains_a_few_steps_and_exports_a_loadable_hf_checkpoint(
     assert run_stage(cfg, stage, base_model)["wall_s"] == summary["wall_s"]
 
 
+def test_sft_with_lora_trains_adapters_and_exports_merged_full_weights(tmp_path, base_model):
+    cfg = small_config(tmp_path, "sft", "sft.lora.enabled=true", "sft.lora.r=4", "sft.lr=1e-2",
+                       "sft.max_steps=2")
+    summary = run_stage(cfg, "sft", base_model)
+    before, after = _weights(base_model), _weights(summary["model"])
+    assert set(after) == set(before)  # a plain HF checkpoint: no adapter keys left
+    assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"],
+                           after["model.layers.0.self_attn.q_proj.weight"])  # adapters merged
+    assert torch.equal(before["model.layers.0.mlp.up_proj.weight"],
+                       after["model.layers.0.mlp.up_proj.weight"])  # no adapter there
+
+
 def test_two_workers_and_one_worker_give_the_same_weights_for_the_same_global_batches(
     tmp_path, base_model
 ):
