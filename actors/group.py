@@ -18,7 +18,7 @@ import socket
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group
+from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 
@@ -62,6 +62,7 @@ class ActorGroup:
         if num_actors < 1:
             raise ResourceError(f"{role}: num_actors={num_actors} must be >= 1")
         self.role, self.num_actors = role, num_actors
+        self.owns_pg = colocate_with is None
         if colocate_with is not None:
             if colocate_with.num_actors != num_actors:
                 raise ResourceError(
@@ -107,5 +108,8 @@ class ActorGroup:
         ]
 
     def kill(self) -> None:
+        """Kill the actors and free the bundles (a colocated group leaves its host's group)."""
         for a in self.actors:
             ray.kill(a)
+        if self.owns_pg:
+            remove_placement_group(self.pg)

@@ -45,8 +45,10 @@ def test_a_colocated_role_shares_the_placement_group(ray_cluster):
         with pytest.raises(ResourceError, match="colocated roles need the same count"):
             ActorGroup(Echo, "critic", num_actors=1, colocate_with=first)
     finally:
-        first.kill()
         second.kill()
+        first.kill()
+    # Killing the groups gave every bundle back: the whole cluster is free again.
+    ray.get(ray.remote(num_cpus=2)(lambda: None).remote(), timeout=60)
 
 
 def test_resource_arithmetic_is_checked_before_anything_starts():
