@@ -63,6 +63,7 @@ class RolloutEngine:
         seed: int = 0,
         enable_prefix_caching: bool = True,
         trust_remote_code: bool = False,
+        weight_transfer: str | None = None,
     ) -> None:
         """Build the engine (on CPU ~3 s, plus ~7 s for the first `import vllm` of a process).
 
@@ -70,7 +71,7 @@ class RolloutEngine:
         `dtype=None` is float32 on CPU (exact parity with the HF trainer), bfloat16 on GPU.
         `kv_cache_gb` sizes the KV cache; None is 0.25 GiB of RAM on CPU and, on GPU, what
         `gpu_memory_utilization` leaves after the weights. An explicit size also skips vLLM's
-        profiling run.
+        profiling run. `weight_transfer="nccl"` (GPU) opens vLLM's weight-transfer endpoint.
         """
         for key, value in _VLLM_ENV.items():
             os.environ.setdefault(key, value)
@@ -82,8 +83,14 @@ class RolloutEngine:
         on_gpu = torch.cuda.is_available()
         if kv_cache_gb is None and not on_gpu:
             kv_cache_gb = 0.25
+        extra = {}
+        if weight_transfer is not None:
+            from vllm.config import WeightTransferConfig
+
+            extra["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer)
         started = time.perf_counter()
         self.llm = LLM(
+            **extra,
             model=str(model_path),
             # The tokenizer is loaded only for its EOS id: without it vLLM never stops at EOS.
             skip_tokenizer_init=False,
@@ -156,7 +163,8 @@ class RolloutEngine:
                 )
         return samples
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                       version: int | None = None) -> int:
         """Load new weights in place, by their HF checkpoint names; return the new version.
 
         Pass `model.state_dict().items()` of the HF policy (LoRA merged), or any subset that
@@ -168,7 +176,7 @@ class RolloutEngine:
         _check_fused_groups_whole({name for name, _ in weights})
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
-        self.weights_version += 1
+        self.weights_version = self.weights_version + 1 if version is None else version
         return self.weights_version
 
     def shutdown(self) -> None:
@@ -194,3 +202,132 @@ def _check_fused_groups_whole(names: set[str]) -> None:
                 raise ValueError(
                     f"update_weights: {name} without {sorted(missing)} (fused in vLLM)"
                 )
+
+
+# ---- the Ray actor ---------------------------------------------------------------------------------
+
+
+class RolloutActor:
+    """One vLLM engine as a Ray actor (thin: `RolloutEngine` does the work).
+
+    Weights arrive either through the object store (`load_weights`: CPU, or any machine) or over
+    NCCL through vLLM's weight-transfer protocol (the four methods below `load_weights`, driven by
+    `NCCLWeightSender` on policy rank 0). Every sample is stamped with the policy version whose
+    weights generated it.
+    """
+
+    def __init__(self, cfg, model_path: str) -> None:
+        engine_index = int(os.environ.get("RANK", "0"))  # set by ActorGroup
+        rc = cfg.rl.rollout
+        on_gpu = rc.gpus_per_engine > 0 and torch.cuda.is_available()
+        if not on_gpu:
+            torch.set_num_threads(max(1, int(round(rc.cpus_per_engine))))
+        self.engine = RolloutEngine(
+            model_path,
+            max_model_len=cfg.rl.max_prompt_length + rc.max_new_tokens,
+            kv_cache_gb=rc.kv_cache_gb,
+            gpu_memory_utilization=rc.gpu_memory_utilization,
+            max_num_seqs=max(8, rc.chunk_size * cfg.rl.samples_per_prompt),
+            seed=cfg.run.seed + engine_index,
+            trust_remote_code=cfg.model.trust_remote_code,
+            weight_transfer="nccl" if on_gpu and cfg.rl.uses_nccl_sync else None,
+        )
+        self.index = engine_index
+
+    def generate(self, prompt_token_ids: list[list[int]], n: int, max_tokens: int,
+                 temperature: float, top_p: float, seed: int | None) -> list[Sample]:
+        return self.engine.generate(prompt_token_ids, n=n, max_tokens=max_tokens,
+                                    temperature=temperature, top_p=top_p, seed=seed)
+
+    def load_weights(self, refs: list, version: int) -> int:
+        """New weights from the object store: `refs[0]` is a ref to {HF name: tensor}."""
+        import ray
+
+        state = ray.get(refs[0])
+        return self.engine.update_weights(state.items(), version=version)
+
+    def version(self) -> int:
+        return self.engine.weights_version
+
+    # vLLM's weight-transfer protocol (GPU), forwarded to the engine's workers.
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.engine.llm.collective_rpc("init_weight_transfer_engine", args=(init_info,))
+
+    def start_weight_update(self) -> None:
+        self.engine.llm.collective_rpc("start_weight_update")
+
+    def receive_weights(self, update_info: dict) -> None:
+        self.engine.llm.collective_rpc("update_weights", args=(update_info,))
+
+    def finish_weight_update(self, version: int) -> int:
+        self.engine.llm.collective_rpc("finish_weight_update")
+        self.engine.llm.reset_prefix_cache()
+        self.engine.weights_version = version
+        return version
+
+
+class _RolloutClient:
+    """vLLM's `VLLMWeightSyncClient` protocol over our RolloutActors: each call fans out to
+    every engine and waits for all of them."""
+
+    def __init__(self, actors: list, version: list[int]) -> None:
+        self.actors, self._version = actors, version
+
+    def _all(self, method: str, *args) -> None:
+        import ray
+
+        ray.get([getattr(a, method).remote(*args) for a in self.actors])
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._all("init_weight_transfer_engine", init_info)
+
+    def start_weight_update(self) -> None:
+        self._all("start_weight_update")
+
+    def update_weights(self, update_info: dict) -> None:
+        self._all("receive_weights", update_info)
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._all("finish_weight_update", self._version[0])
+
+
+class NCCLWeightSender:
+    """Policy side of the GPU weight sync: vLLM's NCCL trainer engine, packed into buckets.
+
+    Built on every policy rank (rank 0 sends; with ZeRO-3 the others join the per-parameter
+    gathers). `send(version)` runs vLLM's start / update / finish round trip on every engine.
+    """
+
+    def __init__(self, module: torch.nn.Module, actors: list, rank: int, master_address: str,
+                 master_port: int, world_size: int) -> None:
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+        self._version = [0]
+        info = NCCLTrainerInitInfo(master_address=master_address, master_port=master_port,
+                                   world_size=world_size, rank=rank)
+        self.engine = WeightTransferTrainerFactory.trainer_init(
+            info, client=_RolloutClient(actors, self._version), source=_gathered_source(module))
+
+    def send(self, version: int) -> None:
+        self._version[0] = version
+        self.engine.send_weights()
+
+
+def _gathered_source(module: torch.nn.Module):
+    """vLLM `WeightSource` over the HF module, gathering ZeRO-3 partitions one at a time."""
+    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+
+    from rlhf.engine import gathered_parameter
+
+    class Source(WeightSource):
+        def metadata(self):
+            return [ParamMeta(name, p.dtype, tuple(getattr(p, "ds_shape", p.shape)))
+                    for name, p in module.named_parameters()]
+
+        def __iter__(self):
+            for name, p in module.named_parameters():
+                with gathered_parameter(p):
+                    yield name, p.data.detach().clone()
+
+    return Source()

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-STAGES = ("pretrain", "sft", "rm", "dpo")
+STAGES = ("pretrain", "sft", "rm", "dpo", "rl")
 # Head sizes vLLM's CPU attention kernels support (the rollout engine must load the tiny model).
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
@@ -38,8 +38,8 @@ class RunConfig(Section):
     name: str = Field("tiny_cpu", description="Run name; outputs go to <output_dir>/<name>.")
     output_dir: str = Field("runs", description="Root folder for checkpoints, logs and reports.")
     seed: int = Field(0, description="Seed for data order, model init and sampling.")
-    stages: list[Literal["pretrain", "sft", "rm", "dpo"]] = Field(
-        ["pretrain", "sft", "rm", "dpo"], description="Stages to run, in pipeline order."
+    stages: list[Literal["pretrain", "sft", "rm", "dpo", "rl"]] = Field(
+        ["pretrain", "sft", "rm", "dpo", "rl"], description="Stages to run, in pipeline order."
     )
 
     @property
@@ -211,6 +211,216 @@ class DPOConfig(TrainStageConfig):
         return self
 
 
+# ---- the online RL stage --------------------------------------------------------------------------
+
+RL_ALGORITHMS = ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+RL_ROLES = ("policy", "reference", "critic", "reward_model", "rollout")
+
+
+class RoleConfig(Section):
+    """One role's actors: a placement group of `num_actors` bundles."""
+
+    num_actors: int = Field(1, ge=1, description="Actors (data-parallel ranks) of this role.")
+    cpus_per_actor: float = Field(0.5, gt=0, description="CPUs per actor (a Ray resource).")
+    gpus_per_actor: float = Field(0.0, ge=0, le=1, description="GPU share per actor.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU.")
+    micro_batch_size: int = Field(16, ge=1, description="Rows per forward pass per actor.")
+
+
+class TrainRoleConfig(RoleConfig):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(1.0, ge=0, le=1, description="Cosine floor (1.0: constant lr).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup (optimizer steps).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: list[float] = Field([0.9, 0.95], min_length=2, max_length=2, description="AdamW betas.")
+    grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+
+
+class RolloutConfig(Section):
+    num_engines: int = Field(1, ge=1, description="vLLM engines (RolloutActors).")
+    cpus_per_engine: float = Field(0.5, gt=0, description="CPUs per engine (a Ray resource).")
+    gpus_per_engine: float = Field(0.0, ge=0, le=1, description="GPU share per engine.")
+    kv_cache_gb: float | None = Field(None, gt=0, description="KV cache; None: vLLM default.")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM's GPU share.")
+    max_new_tokens: int = Field(16, ge=1, description="Longest sampled response.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    chunk_size: int = Field(8, ge=1, description="Prompts per dispatched request.")
+    weight_sync: Literal["auto", "object_store", "nccl"] = Field(
+        "auto", description="auto: vLLM's NCCL weight transfer on GPU, the object store on CPU."
+    )
+    max_logprob_gap: float = Field(
+        0.05, gt=0, description="Mean |trainer - rollout| logprob above this: stale engine, stop."
+    )
+
+
+class RewardSourceConfig(Section):
+    kind: Literal["rule", "model", "http"] = Field("rule", description="Where rewards come from.")
+    rule: str = Field(
+        "exact_match", description="A built-in rule (exact_match) or 'package.module:function'."
+    )
+    url: str | None = Field(None, description="kind=http: POST endpoint returning rewards.")
+    timeout_s: float = Field(30.0, gt=0, description="kind=http: request timeout.")
+    model_path: str | None = Field(None, description="kind=model: RM checkpoint; None: rm stage.")
+    clip: float | None = Field(None, gt=0, description="Clip scores to [-clip, clip].")
+
+
+class RLConfig(Section):
+    algorithm: Literal["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp",
+                       "reinforce_pp_baseline"] = Field(
+        "ppo", description="ppo (critic + GAE) or a critic-free estimator."
+    )
+    init_from: str | None = Field(None, description="Policy checkpoint; None: the SFT output.")
+    prompt_files: list[DataFile] = Field(default_factory=list, description="Training prompts.")
+    eval_prompt_files: list[DataFile] = Field(default_factory=list, description="Held-out prompts.")
+    on_error: Literal["fail", "skip"] = Field("fail", description="Bad records: stop, or skip+count.")
+    max_prompt_length: int = Field(128, ge=4, description="Longer prompts are an error.")
+    max_steps: int = Field(20, ge=1, description="RL steps (generate -> update -> sync).")
+    prompts_per_step: int = Field(32, ge=1, description="Prompts sampled per step.")
+    samples_per_prompt: int = Field(4, ge=1, description="Responses per prompt (group size).")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each step's experience.")
+    mini_batch_size: int = Field(64, ge=1, description="Samples per optimizer step.")
+    loss_mode: Literal["token_mean", "seq_mean", "seq_sum"] = Field(
+        "token_mean", description="How per-token losses are reduced."
+    )
+    clip_eps_low: float = Field(0.2, gt=0, description="PPO clip range below 1.")
+    clip_eps_high: float | None = Field(None, gt=0, description="Clip above 1 (DAPO clip-higher).")
+    dual_clip: float | None = Field(None, gt=1, description="Dual-clip cap for A < 0.")
+    value_clip: float | None = Field(0.2, gt=0, description="PPO2 value clipping.")
+    gamma: float = Field(1.0, gt=0, le=1, description="Discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    whiten_advantages: bool = Field(True, description="PPO: whiten GAE advantages per batch.")
+    kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient (initial if adaptive).")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimate.")
+    kl_in_reward: bool = Field(True, description="KL in the reward (PPO); False: a loss term.")
+    kl_controller: Literal["fixed", "adaptive"] = Field("fixed", description="KL coefficient.")
+    kl_target: float = Field(6.0, gt=0, description="Adaptive controller: target KL.")
+    kl_horizon: int = Field(10000, ge=1, description="Adaptive controller: horizon.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
+    truncated_is_cap: float | None = Field(
+        None, gt=0, description="Weight tokens by min(pi_trainer/pi_rollout, cap)."
+    )
+    ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx: weight of the LM loss on ptx_files.")
+    ptx_files: list[DataFile] = Field(default_factory=list, description="PPO-ptx data (SFT formats).")
+    ptx_batch_size: int = Field(8, ge=1, description="PPO-ptx rows per micro-batch.")
+    eval_interval: int = Field(10, ge=1, description="Steps between held-out evaluations.")
+    eval_prompts: int = Field(200, ge=1, description="Held-out prompts per evaluation.")
+    colocate: list[list[Literal["policy", "reference", "critic", "reward_model", "rollout"]]] = Field(
+        default_factory=list,
+        description="Roles sharing bundles, e.g. [[policy, reference], [critic, reward_model]].",
+    )
+    policy: TrainRoleConfig = Field(default_factory=TrainRoleConfig)
+    critic: TrainRoleConfig = Field(default_factory=lambda: TrainRoleConfig(lr=5e-5))
+    reference: RoleConfig = Field(default_factory=RoleConfig)
+    reward_model: RoleConfig = Field(default_factory=RoleConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardSourceConfig = Field(default_factory=RewardSourceConfig)
+
+    @property
+    def uses_nccl_sync(self) -> bool:
+        if self.rollout.weight_sync == "auto":
+            return (self.rollout.gpus_per_engine > 0 and self.policy.gpus_per_actor > 0
+                    and not self.policy.lora.enabled)
+        return self.rollout.weight_sync == "nccl"
+
+    @property
+    def rollout_batch_size(self) -> int:
+        return self.prompts_per_step * self.samples_per_prompt
+
+    def roles(self) -> list[str]:
+        """The roles this algorithm and reward source need."""
+        roles = ["policy", "reference", "rollout"]
+        if self.algorithm == "ppo":
+            roles.append("critic")
+        if self.reward.kind == "model":
+            roles.append("reward_model")
+        return roles
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RLConfig:
+        n = self.rollout_batch_size
+        if n % self.mini_batch_size:
+            raise ValueError(
+                f"prompts_per_step * samples_per_prompt = {self.prompts_per_step} * "
+                f"{self.samples_per_prompt} = {n} must be a multiple of "
+                f"mini_batch_size={self.mini_batch_size}"
+            )
+        for name in ("policy", "critic"):
+            role = getattr(self, name)
+            per = role.micro_batch_size * role.num_actors
+            if self.mini_batch_size % per:
+                raise ValueError(
+                    f"mini_batch_size={self.mini_batch_size} must be a multiple of "
+                    f"{name}.micro_batch_size * {name}.num_actors = {per}"
+                )
+        if self.algorithm == "rloo" and self.samples_per_prompt < 2:
+            raise ValueError("algorithm='rloo' needs samples_per_prompt >= 2")
+        if self.algorithm in ("grpo", "dr_grpo", "reinforce_pp_baseline") \
+                and self.samples_per_prompt < 2:
+            raise ValueError(
+                f"algorithm={self.algorithm!r} compares samples of a prompt: "
+                f"samples_per_prompt={self.samples_per_prompt} must be >= 2"
+            )
+        if self.reward.kind == "http" and not self.reward.url:
+            raise ValueError("reward.kind='http' needs reward.url")
+        if self.ptx_coef > 0 and not self.ptx_files:
+            raise ValueError(f"ptx_coef={self.ptx_coef} needs ptx_files")
+        if self.rollout.weight_sync == "nccl" and (
+                self.rollout.gpus_per_engine == 0 or self.policy.gpus_per_actor == 0):
+            raise ValueError("rollout.weight_sync='nccl' needs GPUs for the policy and the "
+                             "engines (gpus_per_actor, gpus_per_engine > 0)")
+        if self.rollout.weight_sync == "nccl" and self.policy.lora.enabled:
+            raise ValueError("rollout.weight_sync='nccl' sends parameters by name; with "
+                             "policy.lora.enabled use weight_sync='object_store' (merged weights)")
+        if self.policy.lora.enabled and self.policy.zero_stage == 3:
+            raise ValueError("policy.lora.enabled=True with policy.zero_stage=3: use 0-2")
+        needed, seen = set(self.roles()), set()
+        for group in self.colocate:
+            if len(group) < 2:
+                raise ValueError(f"colocate group {group} needs at least two roles")
+            for role in group:
+                if role in seen:
+                    raise ValueError(f"colocate: {role!r} appears in two groups")
+                seen.add(role)
+            counts = {r: self._count(r) for r in group if r in needed}
+            if len(set(counts.values())) > 1:
+                raise ValueError(f"colocate group {group}: colocated roles need the same number "
+                                 f"of actors, got {counts}")
+            gpus = {r: self._gpus(r) for r in group if r in needed}
+            if sum(gpus.values()) > 0 and (min(gpus.values()) == 0 or sum(gpus.values()) > 1):
+                raise ValueError(f"colocate group {group}: GPU shares {gpus} must all be > 0 and "
+                                 f"sum to at most 1")
+        return self
+
+    def _count(self, role: str) -> int:
+        return self.rollout.num_engines if role == "rollout" else getattr(self, role).num_actors
+
+    def _gpus(self, role: str) -> float:
+        if role == "rollout":
+            return self.rollout.gpus_per_engine
+        return getattr(self, role).gpus_per_actor
+
+    def _cpus(self, role: str) -> float:
+        if role == "rollout":
+            return self.rollout.cpus_per_engine
+        return getattr(self, role).cpus_per_actor
+
+    def resource_requests(self) -> dict[str, dict[str, float]]:
+        """Role -> total CPU/GPU it reserves (a colocated role rides on its group's first role)."""
+        out: dict[str, dict[str, float]] = {}
+        riders = {r for g in self.colocate for r in [x for x in g if x in self.roles()][1:]}
+        for role in self.roles():
+            if role in riders:
+                continue
+            n = self._count(role)
+            gpus = float(n) if self._gpus(role) > 0 else 0.0
+            out[role] = {"CPU": n * self._cpus(role), "GPU": gpus}
+        return out
+
+
 class EvalConfig(Section):
     num_prompts: int = Field(200, ge=1, description="Held-out prompts each policy answers.")
     max_new_tokens: int = Field(16, ge=1, description="Longest greedy answer in evaluation.")
@@ -224,6 +434,7 @@ class Config(Section):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     rm: RewardModelConfig = Field(default_factory=RewardModelConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
@@ -234,7 +445,14 @@ class Config(Section):
         for stage in self.run.stages:
             if stage == "pretrain" and not self.pretrain.sources:
                 raise ValueError("pretrain.sources is empty: the stage has no data")
-            if stage != "pretrain" and not getattr(self, stage).train_files:
+            if stage == "rl":
+                if not self.rl.prompt_files:
+                    raise ValueError("rl.prompt_files is empty: the stage has no prompts")
+                if (self.rl.reward.kind == "model" and not self.rl.reward.model_path
+                        and "rm" not in self.run.stages):
+                    raise ValueError("rl.reward.kind='model' needs run.stages to include rm, or "
+                                     "rl.reward.model_path")
+            elif stage != "pretrain" and not getattr(self, stage).train_files:
                 raise ValueError(f"{stage}.train_files is empty: the stage has no data")
         return self
 

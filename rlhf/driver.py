@@ -1,11 +1,11 @@
 """The pipeline: every stage in order, each one's checkpoint handed to the next, then a summary.
 
-    rlhf run configs/tiny_cpu.yaml        # pretrain -> SFT -> reward model, and SFT -> DPO
+    rlhf run configs/tiny_cpu.yaml   # pretrain -> SFT -> reward model; SFT -> DPO; SFT -> PPO
 
 Phases, each timed: start Ray, build (or locate) the base model, run the configured stages as Ray
 Train jobs, evaluate the policies on held-out prompts, write `summary.json` and print a table.
 Stage inputs: pretrain starts from the base model; SFT from pretrain (else the base); the reward
-model and DPO from SFT (else the latest stage). `<stage>.init_from` overrides any of these.
+model, DPO and RL from SFT (else the latest stage). `<stage>.init_from` overrides any of these.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def stage_input(cfg: Config, stage: str, outputs: dict[str, str], base: str) -> 
         return explicit
     if stage == "sft":
         return outputs.get("pretrain", base)
-    if stage in ("rm", "dpo"):
+    if stage in ("rm", "dpo", "rl"):
         return outputs.get("sft", outputs.get("pretrain", base))
     return base
 
@@ -76,7 +76,13 @@ def run_pipeline(cfg: Config) -> dict:
     stages: dict[str, dict] = {}
     for stage in cfg.run.stages:
         with timed(timings, stage):
-            stages[stage] = run_stage(cfg, stage, stage_input(cfg, stage, outputs, base))
+            if stage == "rl":
+                from rlhf.rl.trainer import run_rl
+
+                rm_dir = cfg.rl.reward.model_path or outputs.get("rm")
+                stages[stage] = run_rl(cfg, stage_input(cfg, stage, outputs, base), rm_dir)
+            else:
+                stages[stage] = run_stage(cfg, stage, stage_input(cfg, stage, outputs, base))
         outputs[stage] = stages[stage]["model"]
     with timed(timings, "evaluate"):
         evaluation = evaluate_pipeline(cfg, base, outputs)

@@ -98,6 +98,38 @@ def init_engine(
     return engine
 
 
+def init_frozen(model: torch.nn.Module, zero_stage: int, micro_batch_size: int,
+                dtype: torch.dtype) -> Any:
+    """A frozen model for inference (reference, reward model) on this rank.
+
+    ZeRO-3 shards its parameters over the role's ranks through DeepSpeed (gathered layer by layer
+    in forward); stages 0-2 only partition optimizer state and gradients, which a frozen model
+    has none of, so it stays a plain module.
+    """
+    model.requires_grad_(False)
+    model.eval()
+    if zero_stage != 3:
+        return model
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+def gathered_parameter(param: torch.nn.Parameter) -> Any:
+    """Context in which a ZeRO-3 partitioned parameter holds its full tensor (a collective)."""
+    from contextlib import nullcontext
+
+    if hasattr(param, "ds_id"):
+        return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+    return nullcontext()
+
+
 def save_engine_state(engine: Any, path: str | Path) -> None:
     """Optimizer, scheduler and (partitioned) weights of this rank; every rank must call it."""
     engine.save_checkpoint(str(path), tag="state", save_latest=False)

@@ -4,7 +4,7 @@
 
 Every policy answers the held-out SFT prompts (`sft.eval_files`) greedily; an answer is correct
 when it equals the reference answer after stripping whitespace (the demo task's exact-match rule).
-DPO is compared with SFT on the same prompts: a win when only DPO is correct, a tie when both or
+DPO and RL policies are compared with SFT on the same prompts: a win when only the aligned policy is correct, a tie when both or
 neither are, so win rate = (wins + ties / 2) / prompts; when a reward model was trained it also
 judges the pair of answers.
 """
@@ -82,10 +82,13 @@ def evaluate_pipeline(cfg: Config, base_dir: str, outputs: dict[str, str]) -> di
         answers[name] = greedy_answers(path, prompts, cfg.eval.max_new_tokens)
         correct[name] = [float(exact_match(a, y)) for a, y in zip(answers[name], labels)]
         results[f"eval/{name}_accuracy"] = round(sum(correct[name]) / max(1, len(prompts)), 4)
-    if "dpo" in answers and "sft" in answers:
-        results["eval/dpo_vs_sft_win_rate_exact"] = round(win_rate(correct["dpo"], correct["sft"]), 4)
+    for name in ("dpo", "rl"):
+        if name not in answers or "sft" not in answers:
+            continue
+        results[f"eval/{name}_vs_sft_win_rate_exact"] = round(
+            win_rate(correct[name], correct["sft"]), 4)
         if "rm" in outputs:
-            dpo_r = reward_scores(outputs["rm"], prompts, answers["dpo"])
-            sft_r = reward_scores(outputs["rm"], prompts, answers["sft"])
-            results["eval/dpo_vs_sft_win_rate_rm"] = round(win_rate(dpo_r, sft_r), 4)
+            mine = reward_scores(outputs["rm"], prompts, answers[name])
+            theirs = reward_scores(outputs["rm"], prompts, answers["sft"])
+            results[f"eval/{name}_vs_sft_win_rate_rm"] = round(win_rate(mine, theirs), 4)
     return results

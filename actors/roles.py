@@ -1,0 +1,244 @@
+"""The RL roles as thin Ray actors: policy, reference, reward model, critic.
+
+Each actor is one data-parallel rank of its role (an `ActorGroup` starts them with `RANK`,
+`WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`); ranks of a role form their own torch.distributed
+group (gloo on CPU, NCCL on GPU) and train through DeepSpeed. The computing lives in
+`rlhf/rl/worker.py`; these classes only hold the model and translate calls.
+
+Every method takes the whole experience batch (an object ref resolved by Ray in the actor, never
+by the driver) and returns its own slice's result, or metrics.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from rlhf.config import Config, RoleConfig, TrainRoleConfig
+
+
+class _Rank:
+    """torch.distributed set-up shared by every role actor."""
+
+    def _setup(self, role: RoleConfig) -> None:
+        import torch.distributed as dist
+
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.on_gpu = role.gpus_per_actor > 0 and torch.cuda.is_available()
+        if not self.on_gpu:
+            torch.set_num_threads(max(1, int(round(role.cpus_per_actor))))
+        if not dist.is_initialized():
+            address = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+            dist.init_process_group("nccl" if self.on_gpu else "gloo", init_method=address,
+                                    rank=self.rank, world_size=self.world)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu \
+            else torch.device("cpu")
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def ready(self) -> int:
+        return self.rank
+
+
+def _engine(model: torch.nn.Module, role: TrainRoleConfig, rl: Any, total_steps: int,
+            on_gpu: bool, world: int) -> Any:
+    from rlhf import engine as eng
+
+    return eng.init_engine(
+        model, lr=role.lr, betas=tuple(role.betas), weight_decay=role.weight_decay,
+        warmup_steps=role.warmup_steps, max_steps=max(total_steps, role.warmup_steps + 1),
+        min_lr_ratio=role.min_lr_ratio, zero_stage=role.zero_stage,
+        micro_batch_size=role.micro_batch_size,
+        grad_accum_steps=rl.mini_batch_size // (role.micro_batch_size * world),
+        grad_clip=role.grad_clip, dtype=eng.precision_dtype(role.precision, on_gpu),
+    )
+
+
+def _optimizer_steps(rl: Any) -> int:
+    return rl.max_steps * rl.ppo_epochs * (rl.rollout_batch_size // rl.mini_batch_size)
+
+
+class PolicyActor(_Rank):
+    """The trained policy: logprobs, PPO updates, weights for the rollout engines."""
+
+    def __init__(self, cfg: Config, model_path: str) -> None:
+        from rlhf.models.factory import apply_lora, load_causal_lm
+
+        rl = self.rl = cfg.rl
+        self._setup(rl.policy)
+        torch.manual_seed(cfg.run.seed)
+        from rlhf import engine as eng
+
+        dtype = eng.precision_dtype(rl.policy.precision, self.on_gpu)
+        model = load_causal_lm(model_path, dtype=dtype,
+                               trust_remote_code=cfg.model.trust_remote_code)
+        lora = rl.policy.lora
+        if lora.enabled:
+            model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                               target_modules=lora.target_modules)
+        self.engine = _engine(model, rl.policy, rl, _optimizer_steps(rl), self.on_gpu, self.world)
+        self.model_path = model_path
+        self.version = 0
+        self.ptx = None
+        if rl.ptx_coef > 0:
+            from rlhf.data.stages import prepare_sft
+            from rlhf.rl.worker import ptx_stream
+
+            ptx_cfg = cfg.sft.model_copy(update={"train_files": rl.ptx_files, "eval_files": []})
+            rows, _, _ = prepare_sft(ptx_cfg, model_path, seed=cfg.run.seed)
+            self.ptx = ptx_stream(rows, rl.ptx_batch_size, cfg.run.seed + self.rank)
+        self.weight_sender = None
+
+    def logprobs(self, batch: dict) -> torch.Tensor:
+        from rlhf.rl.worker import my_rows, response_logprobs
+
+        self.engine.module.eval()
+        mine = self._to_device(my_rows(batch, self.rank, self.world))
+        out = response_logprobs(self.engine.module, mine, self.rl.policy.micro_batch_size,
+                                self.rl.rollout.temperature)
+        return out.cpu()
+
+    def train(self, batch: dict, step: int) -> dict[str, float]:
+        from rlhf.rl.worker import policy_update
+
+        self.engine.module.train()
+        out = policy_update(self.engine, self._to_device(batch), self.rl, self.rl.policy,
+                            self.rank, self.world, step, self.ptx)
+        self.version += 1
+        return out
+
+    def full_weights(self) -> dict[str, torch.Tensor] | None:
+        """Plain HF weights (LoRA merged), gathered on rank 0; every rank must call it."""
+        import copy
+
+        from rlhf import engine as eng
+        from rlhf.models.factory import merge_lora
+
+        module = self.engine.module
+        if hasattr(module, "peft_config"):
+            if self.rank != 0:
+                return None
+            return {k: v.detach().cpu() for k, v in
+                    merge_lora(copy.deepcopy(module)).state_dict().items()}
+        state = eng.full_state_dict(self.engine)
+        return None if state is None else {k: v.detach().cpu() for k, v in state.items()}
+
+    def weights_ref(self) -> list:
+        """[ObjectRef of the full weights] on rank 0, [None] elsewhere (a list keeps Ray from
+        resolving the ref on the way out; the weights go actor to actor, not via the driver)."""
+        import ray
+
+        state = self.full_weights()
+        return [None if state is None else ray.put(state)]
+
+    def init_weight_transfer(self, rollout_actors: list, master_address: str, master_port: int,
+                             world_size: int) -> None:
+        """GPU: open vLLM's NCCL weight-transfer channel to the engines (packed buckets)."""
+        from actors.rollout import NCCLWeightSender
+
+        self.weight_sender = NCCLWeightSender(self.engine.module, rollout_actors, self.rank,
+                                              master_address, master_port, world_size)
+
+    def send_weights(self) -> int:
+        """GPU: broadcast the current weights to every engine over NCCL; every rank calls it."""
+        self.weight_sender.send(self.version)
+        return self.version
+
+    def save(self, out_dir: str) -> None:
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+
+        state = self.full_weights()
+        if self.rank != 0:
+            return
+        from rlhf.models.factory import load_causal_lm
+
+        model = load_causal_lm(self.model_path, dtype=torch.float32)
+        model.load_state_dict(state)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(out_dir)
+        Path(out_dir, "version.txt").write_text(str(self.version))
+
+
+class ReferenceActor(_Rank):
+    """The frozen reference policy: logprobs for the KL term."""
+
+    def __init__(self, cfg: Config, model_path: str) -> None:
+        from rlhf import engine as eng
+        from rlhf.models.factory import load_causal_lm
+
+        self.rl = cfg.rl
+        self._setup(cfg.rl.reference)
+        dtype = eng.precision_dtype(cfg.rl.reference.precision, self.on_gpu)
+        self.model = load_causal_lm(model_path, dtype=dtype,
+                                    trust_remote_code=cfg.model.trust_remote_code)
+        self.model = eng.init_frozen(self.model, cfg.rl.reference.zero_stage,
+                                     cfg.rl.reference.micro_batch_size, dtype)
+
+    def logprobs(self, batch: dict) -> torch.Tensor:
+        from rlhf.rl.worker import my_rows, response_logprobs
+
+        mine = self._to_device(my_rows(batch, self.rank, self.world))
+        return response_logprobs(self.model, mine, self.rl.reference.micro_batch_size,
+                                 self.rl.rollout.temperature).cpu()
+
+
+class RewardActor(_Rank):
+    """A trained reward model: one score per (prompt, response)."""
+
+    def __init__(self, cfg: Config, model_path: str) -> None:
+        from rlhf import engine as eng
+        from rlhf.models.factory import load_reward_model
+
+        self.rl = cfg.rl
+        self._setup(cfg.rl.reward_model)
+        dtype = eng.precision_dtype(cfg.rl.reward_model.precision, self.on_gpu)
+        self.model = load_reward_model(model_path, dtype=dtype,
+                                       trust_remote_code=cfg.model.trust_remote_code)
+        self.model = eng.init_frozen(self.model, cfg.rl.reward_model.zero_stage,
+                                     cfg.rl.reward_model.micro_batch_size, dtype)
+
+    def scores(self, batch: dict) -> torch.Tensor:
+        from rlhf.rl.worker import my_rows, sequence_scores
+
+        mine = self._to_device(my_rows(batch, self.rank, self.world))
+        return sequence_scores(self.model, mine, self.rl.reward_model.micro_batch_size).cpu()
+
+
+class CriticActor(_Rank):
+    """The value model of PPO: values for GAE, and its own regression updates."""
+
+    def __init__(self, cfg: Config, model_path: str) -> None:
+        from rlhf import engine as eng
+        from rlhf.models.factory import load_critic
+
+        rl = self.rl = cfg.rl
+        self._setup(rl.critic)
+        torch.manual_seed(cfg.run.seed)
+        dtype = eng.precision_dtype(rl.critic.precision, self.on_gpu)
+        model = load_critic(model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+                            seed=cfg.run.seed)
+        self.engine = _engine(model, rl.critic, rl, _optimizer_steps(rl), self.on_gpu, self.world)
+
+    def values(self, batch: dict) -> torch.Tensor:
+        from rlhf.rl.worker import my_rows, response_values
+
+        self.engine.module.eval()
+        mine = self._to_device(my_rows(batch, self.rank, self.world))
+        return response_values(self.engine.module, mine, self.rl.critic.micro_batch_size).cpu()
+
+    def train(self, batch: dict, step: int) -> dict[str, float]:
+        from rlhf.rl.worker import critic_update
+
+        self.engine.module.train()
+        return critic_update(self.engine, self._to_device(batch), self.rl, self.rl.critic,
+                             self.rank, self.world, step)
+
+
+ROLE_ACTORS = {"policy": PolicyActor, "reference": ReferenceActor, "critic": CriticActor,
+               "reward_model": RewardActor}

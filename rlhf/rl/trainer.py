@@ -1,0 +1,367 @@
+"""The online RL stage: PPO (critic + GAE) or a critic-free estimator, over Ray actors.
+
+    result = run_rl(cfg, policy_dir=".../sft/model", reward_model_dir=".../rm/model")
+
+Each step is a checklist of timed phases (`timing/<phase>` in the metrics):
+
+    generate      rollout engines sample n responses per prompt (least-loaded dispatch)
+    reward        rule function, reward model actors, or an HTTP endpoint
+    ref           reference logprobs              (object refs, actor to actor)
+    logprobs      the policy's own logprobs of the sampled tokens (PPO's old logprobs, and
+                  the trainer-vs-engine gap check `rollout/logprob_gap`)
+    values        critic values (PPO only)
+    advantages    KL, rewards, GAE or group baselines (a Ray task; the batch stays in the store)
+    train_critic  value regression (PPO only)
+    train_policy  PPO epochs over mini-batches (+ KL loss, entropy, PPO-ptx)
+    weight_sync   new weights to every engine (object store on CPU, vLLM NCCL on GPU)
+
+The driver holds object refs and small metrics only; token tensors go from the store to actors.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from typing import Any
+
+import ray
+import torch
+
+from rlhf.config import Config
+
+
+class RLStageError(RuntimeError):
+    """The RL stage cannot run as configured (bad prompts, resources, a broken reward)."""
+
+
+@contextmanager
+def phase(timings: dict[str, float], name: str):
+    t0 = time.perf_counter()
+    yield
+    timings[f"timing/{name}"] = time.perf_counter() - t0
+
+
+def _wait(refs: list) -> list:
+    """Wait for refs without fetching them into the driver."""
+    ray.wait(refs, num_returns=len(refs), fetch_local=False)
+    return refs
+
+
+@ray.remote(num_cpus=0)
+class AdvantageWorker:
+    """The advantage phase next to the data (a long-lived actor: Ray reaps idle task workers
+    on a small machine, and re-importing torch cost ~2 s per step)."""
+
+    @ray.method(num_returns=2)
+    def compute(self, batch: dict, scores: Any, ref_parts: list, old_parts: list,
+                value_parts: list, kwargs: dict) -> tuple[dict, dict]:
+        """Returns (batch with advantages, metrics); only the metrics go to the driver."""
+        return _advantages(batch, scores, ref_parts, old_parts, value_parts, kwargs)
+
+    def concat(self, parts: list) -> torch.Tensor:
+        from rlhf.rl.experience import concat_rows
+
+        return concat_rows(ray.get(parts))
+
+
+def _advantages(batch: dict, scores: Any, ref_parts: list, old_parts: list, value_parts: list,
+                kwargs: dict) -> tuple[dict, dict]:
+    from rlhf.algorithms import truncated_is_weights
+    from rlhf.rl.experience import compute_advantages, concat_rows
+
+    parts = {"ref_logprobs": ref_parts, "old_logprobs": old_parts, "values": value_parts}
+    batch = {**batch, "scores": torch.as_tensor(scores, dtype=torch.float32)}
+    for key, refs in parts.items():
+        if refs:
+            batch[key] = concat_rows(ray.get(refs))
+    batch, metrics = compute_advantages(batch, **kwargs)
+    _, gap = truncated_is_weights(batch["old_logprobs"], batch["rollout_logprobs"],
+                                  batch["response_mask"])
+    metrics.update(gap)
+    return batch, metrics
+
+
+class RLRun:
+    """Actors, data and state of one RL stage; `step()` is one checklist."""
+
+    def __init__(self, cfg: Config, policy_dir: str, reward_model_dir: str | None,
+                 critic_init_dir: str | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        from rlhf.algorithms import KL_CONTROLLERS
+
+        self.cfg, self.rl = cfg, cfg.rl
+        self.stage_dir = cfg.run.dir.resolve() / "rl"
+        self.tok = AutoTokenizer.from_pretrained(policy_dir)
+        self.prompts, self.prompt_report = self._load_prompts(self.rl.prompt_files)
+        self.eval_prompts = []
+        if self.rl.eval_prompt_files:
+            self.eval_prompts, _ = self._load_prompts(self.rl.eval_prompt_files)
+            self.eval_prompts = self.eval_prompts[: self.rl.eval_prompts]
+        self.reward_rule = None
+        if self.rl.reward.kind == "rule":
+            from rlhf.rl.rewards import RewardError, load_rule
+
+            try:
+                self.reward_rule = load_rule(self.rl.reward.rule)
+            except RewardError as exc:
+                raise RLStageError(str(exc)) from None
+        rl = self.rl
+        self.kl = (KL_CONTROLLERS["fixed"](rl.kl_coef) if rl.kl_controller == "fixed"
+                   else KL_CONTROLLERS["adaptive"](rl.kl_coef, rl.kl_target, rl.kl_horizon))
+        self.groups = self._start_actors(policy_dir, reward_model_dir,
+                                         critic_init_dir or reward_model_dir or policy_dir)
+        from rlhf.rl.dispatch import RolloutDispatcher
+
+        self.dispatcher = RolloutDispatcher(self.groups["rollout"].actors)
+        self.helper = AdvantageWorker.remote()
+        self.version = 0
+        if rl.uses_nccl_sync:
+            self._init_nccl_sync()
+
+    # ---- set-up -------------------------------------------------------------------------------
+
+    def _load_prompts(self, files: list) -> tuple[list[tuple[list[int], str | None, str]], dict]:
+        from rlhf.data.records import DataError
+        from rlhf.data.stages import load_prompts
+
+        try:
+            items, report = load_prompts(files, self.rl.on_error)
+        except DataError as exc:
+            raise RLStageError(str(exc)) from None
+        out = []
+        for i, (turns, label) in enumerate(items):
+            text = self.tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            ids = self.tok(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > self.rl.max_prompt_length:
+                names = ", ".join(f.path for f in files)
+                raise RLStageError(
+                    f"prompt {i} of {names} has {len(ids)} tokens > rl.max_prompt_length = "
+                    f"{self.rl.max_prompt_length}: raise it or shorten the prompt")
+            out.append((ids, label, turns[-1]["content"]))
+        if not out:
+            raise RLStageError(f"no prompts in {[f.path for f in files]}")
+        return out, report
+
+    def _start_actors(self, policy_dir: str, rm_dir: str | None, critic_dir: str) -> dict:
+        from actors.group import ActorGroup, ResourceError, validate_resources
+        from actors.roles import ROLE_ACTORS
+        from actors.rollout import RolloutActor
+
+        rl = self.rl
+        try:
+            validate_resources(rl.resource_requests(), ray.available_resources())
+        except ResourceError as exc:
+            raise RLStageError(f"rl: {exc}") from None
+        paths = {"policy": policy_dir, "reference": policy_dir, "rollout": policy_dir,
+                 "critic": critic_dir, "reward_model": rm_dir}
+        if "reward_model" in rl.roles() and not rm_dir:
+            raise RLStageError("rl.reward.kind='model' but no reward model checkpoint: add 'rm' "
+                               "to run.stages or set rl.reward.model_path")
+        host = {r: g[0] for g in rl.colocate for r in g}
+        groups: dict[str, ActorGroup] = {}
+        order = sorted(rl.roles(), key=lambda r: (host.get(r, r) != r, r != "policy"))
+        for role in order:
+            spec = rl.rollout if role == "rollout" else getattr(rl, role)
+            count = rl.rollout.num_engines if role == "rollout" else spec.num_actors
+            cpus = rl.rollout.cpus_per_engine if role == "rollout" else spec.cpus_per_actor
+            gpus = rl.rollout.gpus_per_engine if role == "rollout" else spec.gpus_per_actor
+            first = next((r for r in [host.get(role, role)] if r in groups and r != role), None)
+            cls = RolloutActor if role == "rollout" else ROLE_ACTORS[role]
+            groups[role] = ActorGroup(
+                cls, role, count, cpus_per_actor=cpus, gpus_per_actor=gpus,
+                colocate_with=groups[first] if first else None,
+                actor_kwargs={"cfg": self.cfg, "model_path": paths[role]})
+        ray.get([a.__ray_ready__.remote() for g in groups.values() for a in g.actors])
+        return groups
+
+    def _init_nccl_sync(self) -> None:
+        from actors.group import _master_address
+
+        engines = self.groups["rollout"].actors
+        address, port = ray.get(_master_address.remote())
+        world = 1 + len(engines)
+        ray.get(self.groups["policy"].call_async("init_weight_transfer", engines, address, port,
+                                                 world))
+
+    def shutdown(self) -> None:
+        for group in self.groups.values():
+            group.kill()
+        ray.kill(self.helper)
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def _step_prompts(self, step: int) -> list[tuple[list[int], str | None, str]]:
+        from rlhf.train.loop import stream_indices
+
+        k = self.rl.prompts_per_step
+        return [self.prompts[i] for i in stream_indices(step * k, k, len(self.prompts),
+                                                        self.cfg.run.seed)]
+
+    def _rewards(self, prompts: list, samples: list, batch_ref: Any) -> Any:
+        """Scores (B,) as a list of floats, or an object ref to a tensor (reward model)."""
+        rc = self.rl.reward
+        if rc.kind == "model":
+            return self.helper.concat.remote(
+                self.groups["reward_model"].call_async("scores", batch_ref))
+        texts = [self.tok.decode(s.token_ids, skip_special_tokens=True) for s in samples]
+        questions = [prompts[s.prompt_index][2] for s in samples]
+        labels = [prompts[s.prompt_index][1] for s in samples]
+        from rlhf.rl.rewards import RewardError, http_rewards, rule_rewards
+
+        try:
+            if rc.kind == "http":
+                scores = http_rewards(rc.url, questions, texts, labels, rc.timeout_s)
+            else:
+                scores = rule_rewards(self.reward_rule, questions, texts, labels)
+        except RewardError as exc:
+            raise RLStageError(str(exc)) from None
+        if rc.clip is not None:
+            scores = [max(-rc.clip, min(rc.clip, s)) for s in scores]
+        return scores
+
+    def step(self, step: int) -> dict[str, float]:
+        from rlhf.rl.dispatch import StaleEngineError
+        from rlhf.rl.experience import build_batch
+
+        rl, t = self.rl, {}
+        t0 = time.perf_counter()
+        prompts = self._step_prompts(step)
+        with phase(t, "generate"):
+            samples = self.dispatcher.generate(
+                [p[0] for p in prompts], n=rl.samples_per_prompt, chunk_size=rl.rollout.chunk_size,
+                max_tokens=rl.rollout.max_new_tokens, temperature=rl.rollout.temperature,
+                top_p=rl.rollout.top_p, seed=self.cfg.run.seed * 1_000_003 + step * 65_536)
+            self.dispatcher.check_versions(samples, self.version)
+            batch = build_batch([prompts[s.prompt_index][0] for s in samples],
+                                [s.token_ids for s in samples], [s.logprobs for s in samples],
+                                pad_id=self.tok.pad_token_id)
+            batch_ref = ray.put(batch)
+        with phase(t, "reward"):
+            scores = self._rewards(prompts, samples, batch_ref)
+            if isinstance(scores, ray.ObjectRef):
+                _wait([scores])
+        with phase(t, "ref"):
+            ref_parts = _wait(self.groups["reference"].call_async("logprobs", batch_ref))
+        with phase(t, "logprobs"):
+            old_parts = _wait(self.groups["policy"].call_async("logprobs", batch_ref))
+        value_parts = []
+        if rl.algorithm == "ppo":
+            with phase(t, "values"):
+                value_parts = _wait(self.groups["critic"].call_async("values", batch_ref))
+        with phase(t, "advantages"):
+            adv_ref, metrics_ref = self.helper.compute.remote(
+                batch_ref, scores, ref_parts, old_parts, value_parts,
+                dict(algorithm=rl.algorithm, group_size=rl.samples_per_prompt,
+                     kl_coef=self.kl.value, kl_estimator=rl.kl_estimator,
+                     kl_in_reward=rl.kl_in_reward, gamma=rl.gamma, lam=rl.lam,
+                     whiten=rl.whiten_advantages))
+            metrics = ray.get(metrics_ref)
+        if metrics["rollout/logprob_gap"] > rl.rollout.max_logprob_gap:
+            raise StaleEngineError(
+                f"step {step + 1}: mean |trainer - rollout| logprob gap "
+                f"{metrics['rollout/logprob_gap']:.4f} > rl.rollout.max_logprob_gap = "
+                f"{rl.rollout.max_logprob_gap}: the engines do not run the policy's weights")
+        if rl.algorithm == "ppo":
+            with phase(t, "train_critic"):
+                critic_metrics = ray.get(self.groups["critic"].call_async("train", adv_ref, step))
+            metrics.update(critic_metrics[0])
+        with phase(t, "train_policy"):
+            policy_metrics = ray.get(self.groups["policy"].call_async("train", adv_ref, step))
+        metrics.update(policy_metrics[0])
+        with phase(t, "weight_sync"):
+            self.sync_weights()
+        self.kl.update(metrics["kl/mean_per_sequence"], rl.rollout_batch_size)
+        lengths = [len(s.token_ids) for s in samples]
+        metrics.update({
+            "kl/coef": self.kl.value,
+            "response/length_mean": sum(lengths) / len(lengths),
+            "response/length_max": float(max(lengths)),
+            "response/clipped_frac": sum(s.finish_reason == "length" for s in samples)
+            / len(samples),
+            "response/distinct_frac": len({tuple(s.token_ids) for s in samples}) / len(samples),
+            "policy/version": float(self.version),
+        })
+        metrics.update(t)
+        metrics["timing/step"] = time.perf_counter() - t0
+        return metrics
+
+    def sync_weights(self) -> None:
+        """The policy's current weights into every engine; afterwards all report its version."""
+        policy = self.groups["policy"]
+        self.version += 1
+        if self.rl.uses_nccl_sync:
+            ray.get(policy.call_async("send_weights"))
+        else:
+            refs = ray.get(policy.call_async("weights_ref"))[0]
+            ray.get([e.load_weights.remote(refs, self.version)
+                     for e in self.groups["rollout"].actors])
+        versions = ray.get([e.version.remote() for e in self.groups["rollout"].actors])
+        if any(v != self.version for v in versions):
+            from rlhf.rl.dispatch import StaleEngineError
+
+            raise StaleEngineError(f"after the weight sync engines report versions {versions}, "
+                                   f"expected {self.version}")
+
+    # ---- evaluation ---------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy answers of the current policy (through the engines) on held-out prompts."""
+        if not self.eval_prompts:
+            return {}
+        samples = self.dispatcher.generate(
+            [p[0] for p in self.eval_prompts], n=1, chunk_size=32,
+            max_tokens=self.rl.rollout.max_new_tokens, temperature=0.0)
+        texts = [self.tok.decode(s.token_ids, skip_special_tokens=True) for s in samples]
+        out = {"eval/num_prompts": float(len(samples))}
+        if self.reward_rule is not None and all(p[1] is not None for p in self.eval_prompts):
+            from rlhf.rl.rewards import rule_rewards
+
+            scores = rule_rewards(self.reward_rule, [p[2] for p in self.eval_prompts], texts,
+                                  [p[1] for p in self.eval_prompts])
+            out["eval/reward_mean"] = sum(scores) / len(scores)
+        return out
+
+
+def run_rl(cfg: Config, policy_dir: str, reward_model_dir: str | None = None) -> dict:
+    """The RL stage of the pipeline; returns {"model", "wall_s", "metrics"} like run_stage."""
+    from rlhf.train.metrics import MetricsWriter
+
+    started = time.time()
+    rl = cfg.rl
+    out_dir = cfg.run.dir.resolve() / "rl"
+    done = out_dir / "done.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = RLRun(cfg, policy_dir, reward_model_dir)
+    writer = MetricsWriter(out_dir)
+    try:
+        writer.log_event("prompts", run.prompt_report)
+        before = run.evaluate()
+        writer.log(0, {f"rl/{k}": v for k, v in before.items()}, total=rl.max_steps)
+        metrics: dict[str, float] = {}
+        for step in range(rl.max_steps):
+            metrics = run.step(step)
+            last = step + 1 == rl.max_steps
+            if (step + 1) % rl.eval_interval == 0 or last:
+                metrics.update(run.evaluate())
+            writer.log(step + 1, {f"rl/{k}": v for k, v in metrics.items()}, total=rl.max_steps)
+        model_dir = out_dir / "model"
+        tmp = out_dir / "model.tmp"
+        ray.get(run.groups["policy"].call_async("save", str(tmp)))
+        if model_dir.exists():
+            import shutil
+
+            shutil.rmtree(model_dir)
+        tmp.rename(model_dir)
+    finally:
+        writer.close()
+        run.shutdown()
+    final = {f"rl/{k}": v for k, v in metrics.items()}
+    final.update({f"rl/before_{k.split('/', 1)[1]}": v for k, v in before.items()})
+    result = {"model": str(model_dir), "wall_s": round(time.time() - started, 1),
+              "metrics": final}
+    done.write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,230 @@
+"""What the RL role actors compute, as plain functions of a model or a DeepSpeed engine.
+
+No Ray and no vLLM here: `actors/roles.py` wraps these in thin Ray actors. Every function takes
+the whole experience batch plus (rank, world) and works on its own contiguous slice of rows, so
+the batch travels once, as one object ref, to every rank.
+
+Loss normalisation follows the offline loop: a mini-batch's loss is divided by its global token
+(or sequence) count, and DeepSpeed's averaging over ranks and accumulation steps is undone
+(`* world * gas`), so 1 and N ranks compute the same gradient for the same mini-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rlhf.algorithms import (
+    aggregate_loss,
+    entropy_from_logits,
+    kl_loss,
+    masked_mean,
+    ppo_policy_loss,
+    token_logprobs,
+    truncated_is_weights,
+    value_loss,
+)
+from rlhf.config import RLConfig, TrainRoleConfig
+from rlhf.rl.experience import (
+    minibatches,
+    rank_bounds,
+    response_logits,
+    response_tokens,
+    slice_rows,
+    take_rows,
+)
+
+
+def my_rows(batch: dict, rank: int, world: int) -> dict:
+    lo, hi = rank_bounds(batch["input_ids"].shape[0], rank, world)
+    return slice_rows(batch, lo, hi)
+
+
+def _chunks(batch: dict, size: int) -> Iterator[dict]:
+    n = batch["input_ids"].shape[0]
+    for start in range(0, n, size):
+        yield slice_rows(batch, start, start + size)
+
+
+@torch.no_grad()
+def response_logprobs(model: torch.nn.Module, batch: dict, micro_batch_size: int,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """log p(response token) under `model` at the sampling temperature: (B, R), 0 on padding."""
+    parts = []
+    for chunk in _chunks(batch, micro_batch_size):
+        logits = response_logits(model, chunk).float() / temperature
+        parts.append(token_logprobs(logits, response_tokens(chunk)) * chunk["response_mask"])
+    return torch.cat(parts) if parts else torch.zeros_like(batch["response_mask"])
+
+
+@torch.no_grad()
+def response_values(critic: torch.nn.Module, batch: dict, micro_batch_size: int) -> torch.Tensor:
+    """V(state before each response token): (B, R), 0 on padding."""
+    parts = []
+    for chunk in _chunks(batch, micro_batch_size):
+        parts.append(_values(critic, chunk) * chunk["response_mask"])
+    return torch.cat(parts) if parts else torch.zeros_like(batch["response_mask"])
+
+
+def _values(critic: torch.nn.Module, batch: dict) -> torch.Tensor:
+    P = batch["input_ids"].shape[1] - batch["response_mask"].shape[1]
+    out = critic(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch["position_ids"], use_cache=False)
+    return out.logits.squeeze(-1)[:, P - 1 : -1].float()
+
+
+@torch.no_grad()
+def sequence_scores(reward_model: torch.nn.Module, batch: dict,
+                    micro_batch_size: int) -> torch.Tensor:
+    """The reward model's score of each (prompt, response): (B,)."""
+    parts = []
+    for chunk in _chunks(batch, micro_batch_size):
+        out = reward_model(input_ids=chunk["input_ids"], attention_mask=chunk["attention_mask"],
+                           position_ids=chunk["position_ids"], use_cache=False)
+        parts.append(out.logits.squeeze(-1).float())
+    return torch.cat(parts)
+
+
+def _normaliser(mb: dict, mode: str) -> float:
+    if mode == "token_mean":
+        return float(mb["response_mask"].sum().clamp(min=1.0))
+    return float(mb["input_ids"].shape[0])
+
+
+def _average(sums: dict[str, float], count: float) -> dict[str, float]:
+    """Mean of summed metrics over every micro-batch of every rank."""
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return {k: (t[i] / t[-1].clamp(min=1)).item() for i, k in enumerate(keys)}
+
+
+def _add(sums: dict[str, float], metrics: dict[str, float]) -> None:
+    for k, v in metrics.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+
+
+def policy_update(engine: Any, batch: dict, rl: RLConfig, role: TrainRoleConfig, rank: int,
+                  world: int, step: int, ptx_rows: Iterator[dict] | None = None) -> dict[str, float]:
+    """PPO epochs over shuffled mini-batches: clipped surrogate (+ KL loss, entropy, PPO-ptx)."""
+    micro = role.micro_batch_size
+    gas = rl.mini_batch_size // (micro * world)
+    sums: dict[str, float] = {}
+    count = 0
+    skipped = 0
+    n = batch["input_ids"].shape[0]
+    temperature = rl.rollout.temperature
+    for epoch in range(rl.ppo_epochs):
+        for index in minibatches(n, rl.mini_batch_size, seed_of(step, epoch)):
+            mb = take_rows(batch, index)
+            norm = _normaliser(mb, rl.loss_mode)
+            mine = my_rows(mb, rank, world)
+            for k in range(gas):
+                chunk = slice_rows(mine, k * micro, (k + 1) * micro)
+                mask = chunk["response_mask"]
+                logits = response_logits(engine.module, chunk).float() / temperature
+                logp = token_logprobs(logits, response_tokens(chunk))
+                is_weights = None
+                metrics: dict[str, float] = {}
+                if rl.truncated_is_cap is not None:
+                    is_weights, gap = truncated_is_weights(
+                        chunk["old_logprobs"], chunk["rollout_logprobs"], mask,
+                        rl.truncated_is_cap)
+                    metrics.update(gap)
+                loss, pm = ppo_policy_loss(
+                    logp, chunk["old_logprobs"], chunk["advantages"], mask,
+                    clip_eps_low=rl.clip_eps_low, clip_eps_high=rl.clip_eps_high,
+                    dual_clip=rl.dual_clip, mode=rl.loss_mode, normaliser=norm,
+                    is_weights=is_weights)
+                metrics.update(pm)
+                metrics["policy/pg_loss"] = loss.item() * world * gas
+                if not rl.kl_in_reward and rl.kl_coef > 0:
+                    kl_term, km = kl_loss(logp, chunk["ref_logprobs"], mask, rl.kl_coef,
+                                          rl.kl_estimator, rl.loss_mode, norm)
+                    loss = loss + kl_term
+                    metrics["policy/kl_loss"] = kl_term.item() * world * gas
+                entropy = entropy_from_logits(logits)
+                if rl.entropy_coef > 0:
+                    loss = loss - rl.entropy_coef * aggregate_loss(entropy, mask, rl.loss_mode,
+                                                                   norm)
+                metrics["policy/entropy"] = masked_mean(entropy.detach(), mask).item()
+                if ptx_rows is not None and rl.ptx_coef > 0:
+                    ptx = next(ptx_rows)
+                    ptx_nll = _lm_nll_mean(engine.module, ptx)
+                    loss = loss + rl.ptx_coef * ptx_nll / (world * gas)
+                    metrics["policy/ptx_loss"] = ptx_nll.item()
+                engine.backward(loss * world * gas)
+                engine.step()
+                _add(sums, metrics)
+                count += 1
+            skipped += int(_last_step_skipped(engine))
+    out = _average(sums, count)
+    out["policy/lr"] = engine.get_lr()[0]
+    out["policy/skipped_steps"] = float(skipped)
+    return out
+
+
+def critic_update(engine: Any, batch: dict, rl: RLConfig, role: TrainRoleConfig, rank: int,
+                  world: int, step: int) -> dict[str, float]:
+    """Value regression to the GAE returns, PPO2-clipped around the rollout-time values."""
+    micro = role.micro_batch_size
+    gas = rl.mini_batch_size // (micro * world)
+    sums: dict[str, float] = {}
+    count = 0
+    n = batch["input_ids"].shape[0]
+    for epoch in range(rl.ppo_epochs):
+        for index in minibatches(n, rl.mini_batch_size, seed_of(step, epoch)):
+            mb = take_rows(batch, index)
+            norm = _normaliser(mb, rl.loss_mode)
+            mine = my_rows(mb, rank, world)
+            for k in range(gas):
+                chunk = slice_rows(mine, k * micro, (k + 1) * micro)
+                values = _values(engine.module, chunk)
+                loss, metrics = value_loss(values, chunk["values"], chunk["returns"],
+                                           chunk["response_mask"], rl.value_clip, rl.loss_mode,
+                                           norm)
+                metrics["critic/value_loss"] = loss.item() * world * gas
+                engine.backward(loss * world * gas)
+                engine.step()
+                _add(sums, metrics)
+                count += 1
+    out = _average(sums, count)
+    out["critic/lr"] = engine.get_lr()[0]
+    return out
+
+
+def seed_of(step: int, epoch: int) -> int:
+    """Mini-batch shuffling seed; policy and critic use the same order."""
+    return 1_000_003 * step + epoch
+
+
+def _lm_nll_mean(model: torch.nn.Module, rows: dict) -> torch.Tensor:
+    logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
+                   use_cache=False).logits[:, :-1].float()
+    labels = rows["labels"][:, 1:]
+    mask = labels != -100
+    logp = token_logprobs(logits, labels.clamp(min=0))
+    return -(logp * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _last_step_skipped(engine: Any) -> bool:
+    opt = engine.optimizer
+    opt = getattr(opt, "optimizer", opt) if not hasattr(opt, "last_step_skipped") else opt
+    return bool(getattr(opt, "last_step_skipped", False))
+
+
+def ptx_stream(rows: Any, batch_size: int, seed: int) -> Iterator[dict]:
+    """Endless shuffled batches of tokenized SFT rows (input_ids, labels) for PPO-ptx."""
+    from rlhf.train.tasks import _lm_collate
+
+    epoch = 0
+    while True:
+        gen = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(len(rows), generator=gen).tolist()
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield _lm_collate([rows[i] for i in order[start : start + batch_size]])
+        epoch += 1
