@@ -348,7 +348,7 @@ class RLConfig(Section):
                 f"{self.samples_per_prompt} = {n} must be a multiple of "
                 f"mini_batch_size={self.mini_batch_size}"
             )
-        for name in ("policy", "critic"):
+        for name in ("policy", "critic") if self.algorithm == "ppo" else ("policy",):
             role = getattr(self, name)
             per = role.micro_batch_size * role.num_actors
             if self.mini_batch_size % per:

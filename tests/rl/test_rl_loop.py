@@ -1,0 +1,160 @@
+"""The RL loop on a real local Ray cluster with real vLLM engines and DeepSpeed ranks."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from rlhf.config import load_config
+from rlhf.rl.dispatch import StaleEngineError
+from rlhf.rl.trainer import RLRun, RLStageError, run_rl
+
+pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.e2e]
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = [
+    "model.tiny.hidden_size=64", "model.tiny.num_layers=2", "model.tiny.num_heads=2",
+    "model.tiny.num_kv_heads=2", "model.tiny.intermediate_size=64",
+    "rl.prompts_per_step=4", "rl.samples_per_prompt=2", "rl.mini_batch_size=4",
+    "rl.rollout.chunk_size=1", "rl.rollout.max_new_tokens=6", "rl.rollout.kv_cache_gb=0.05",
+    "rl.eval_prompts=8", "rl.policy.lr=1e-3", "rl.policy.micro_batch_size=2",
+    "rl.critic.micro_batch_size=2",
+]
+
+
+def rl_config(tmp_path, *extra):
+    return load_config(REPO / "configs/tiny_cpu.yaml",
+                       [f"run.output_dir={tmp_path}", "run.name=t", "run.stages=[rl]", *SMALL,
+                        *extra])
+
+
+def _weights(run):
+    refs = ray.get(run.groups["policy"].call_async("weights_ref"))[0]
+    return ray.get(refs[0])
+
+
+def test_ppo_two_engines_data_parallel_colocated(tmp_path, tiny_dir, ray_cluster):
+    """PPO with a critic, a reward model, PPO-ptx, 2 policy ranks, 2 engines, colocation."""
+    cfg = rl_config(
+        tmp_path, "rl.algorithm=ppo", "rl.reward.kind=model", f"rl.reward.model_path={tiny_dir}",
+        "rl.policy.num_actors=2",
+        "rl.reference.num_actors=2", "rl.rollout.num_engines=2", "rl.ptx_coef=0.1",
+        "rl.ptx_files=[{path: rlhf/data/samples/sft_io.jsonl}]", "rl.ptx_batch_size=2",
+        "rl.colocate=[[policy, reference], [critic, reward_model]]",
+        "rl.policy.cpus_per_actor=0.25", "rl.critic.cpus_per_actor=0.25",
+        "rl.rollout.cpus_per_engine=0.25",
+    )
+    run = RLRun(cfg, str(tiny_dir), reward_model_dir=str(tiny_dir))
+    try:
+        before = _weights(run)
+        m1 = run.step(0)
+        m2 = run.step(1)
+        for m in (m1, m2):
+            for key in ("timing/generate", "timing/reward", "timing/ref", "timing/logprobs",
+                        "timing/values", "timing/advantages", "timing/train_critic",
+                        "timing/train_policy", "timing/weight_sync"):
+                assert m[key] >= 0, key
+            assert torch.isfinite(torch.tensor([m["critic/value_loss"], m["ppo/clipfrac"],
+                                                m["policy/ptx_loss"], m["policy/entropy"]])).all()
+        # Step 2 sampled with the weights step 1 trained: the engines' logprobs are the trainer's.
+        assert m2["rollout/logprob_gap"] < 1e-3
+        assert m2["kl/mean_per_token"] != 0.0  # the policy moved away from the reference
+        assert run.version == 2
+        assert ray.get([e.version.remote() for e in run.groups["rollout"].actors]) == [2, 2]
+        assert all(n > 0 for n in run.dispatcher.served), run.dispatcher.served
+        after = _weights(run)
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        assert len(changed) > len(before) // 2
+
+        # A stale engine cannot go unnoticed: put the old weights back into engine 0 under the
+        # current version number; the next step's trainer/engine logprob gap stops the run.
+        ref = ray.put(before)
+        ray.get(run.groups["rollout"].actors[0].load_weights.remote([ref], run.version))
+        with pytest.raises(StaleEngineError, match="logprob gap"):
+            run.step(2)
+        # And an engine that missed an update is caught by its version stamp.
+        ray.get(run.groups["rollout"].actors[1].load_weights.remote([ref], run.version - 1))
+        with pytest.raises(StaleEngineError, match="missed a weight update"):
+            run.step(3)
+    finally:
+        run.shutdown()
+
+
+class _ExactMatch(BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        rewards = [float(r.strip() == y) for r, y in zip(body["responses"], body["labels"])]
+        data = json.dumps({"rewards": rewards}).encode()
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_each_critic_free_estimator_over_http_rewards(tmp_path, tiny_dir, ray_cluster):
+    """One set of actors; each estimator drives two steps (the estimator only changes the
+    advantage phase, so the test swaps it between steps instead of restarting the actors)."""
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _ExactMatch)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/score"
+    cfg = rl_config(tmp_path, "rl.algorithm=grpo", "rl.reward.kind=http", f"rl.reward.url={url}",
+                    "rl.kl_in_reward=false", "rl.kl_estimator=k3", "rl.entropy_coef=0.01",
+                    "rl.truncated_is_cap=2.0")
+    run = RLRun(cfg, str(tiny_dir), reward_model_dir=None)
+    try:
+        assert "critic" not in run.groups and "reward_model" not in run.groups
+        step = 0
+        for name in ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"):
+            run.rl = run.rl.model_copy(update={"algorithm": name})
+            for _ in range(2):
+                m = run.step(step)
+                step += 1
+                assert "timing/values" not in m and "timing/train_critic" not in m
+                assert m["rollout/logprob_gap"] < 1e-3, (name, m["rollout/logprob_gap"])
+                assert 0.0 <= m["reward/score_mean"] <= 1.0
+                assert m["policy/kl_loss"] >= 0.0
+        assert run.version == step
+    finally:
+        run.shutdown()
+        srv.shutdown()
+
+
+def test_run_rl_saves_a_loadable_policy(tmp_path, tiny_dir, ray_cluster):
+    from transformers import AutoModelForCausalLM
+
+    # A random model never answers right (all-zero rewards, zero advantages): the entropy bonus
+    # is what moves it here.
+    cfg = rl_config(tmp_path, "rl.algorithm=rloo", "rl.max_steps=2", "rl.eval_interval=1",
+                    "rl.entropy_coef=0.05",
+                    "rl.eval_prompt_files=[{path: rlhf/data/samples/prompts_eval.jsonl}]")
+    result = run_rl(cfg, str(tiny_dir))
+    model = AutoModelForCausalLM.from_pretrained(result["model"])
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    w = dict(model.named_parameters())
+    assert any(not torch.equal(p, w[k]) for k, p in base.named_parameters())
+    assert (Path(result["model"]) / "version.txt").read_text() == "2"
+    lines = [json.loads(x) for x in (tmp_path / "t/rl/metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "step" in x]
+    assert [x["step"] for x in steps] == [0, 1, 2]
+    assert "rl/eval/reward_mean" in steps[0] and "rl/timing/weight_sync" in steps[-1]
+    assert result["metrics"]["rl/before_reward_mean"] >= 0.0
+    # A second call finds the finished stage and does not train again.
+    assert run_rl(cfg, str(tiny_dir)) == result
+
+
+def test_bad_setups_fail_before_training(tmp_path, tiny_dir, ray_cluster):
+    cfg = rl_config(tmp_path, "rl.policy.cpus_per_actor=64")
+    with pytest.raises(RLStageError, match=r"roles need 6[5-9](\.\d+)? CPU .* cluster has 2"):
+        RLRun(cfg, str(tiny_dir), None)
+    cfg = rl_config(tmp_path, "rl.max_prompt_length=8")
+    with pytest.raises(RLStageError, match="prompt 0 of rlhf/data/samples/prompts.jsonl has"):
+        RLRun(cfg, str(tiny_dir), None)
+    cfg = rl_config(tmp_path, "rl.reward.rule=nowhere:fn")
+    with pytest.raises(RLStageError, match="cannot load"):
+        RLRun(cfg, str(tiny_dir), None)
