@@ -6,12 +6,14 @@ group (gloo on CPU, NCCL on GPU) and train through DeepSpeed. The computing live
 `rlhf/rl/worker.py`; these classes only hold the model and translate calls.
 
 Every method takes the whole experience batch (an object ref resolved by Ray in the actor, never
-by the driver) and returns its own slice's result, or metrics.
+by the driver) and returns its own slice's result as `{"out": tensor, "compute_s": seconds}`
+(the seconds feed the step's compute-vs-orchestration split), or metrics.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import torch
@@ -93,22 +95,25 @@ class PolicyActor(_Rank):
             self.ptx = ptx_stream(rows, rl.ptx_batch_size, cfg.run.seed + self.rank)
         self.weight_sender = None
 
-    def logprobs(self, batch: dict) -> torch.Tensor:
+    def logprobs(self, batch: dict) -> dict:
         from rlhf.rl.worker import my_rows, response_logprobs
 
+        t0 = time.perf_counter()
         self.engine.module.eval()
         mine = self._to_device(my_rows(batch, self.rank, self.world))
         out = response_logprobs(self.engine.module, mine, self.rl.policy.micro_batch_size,
                                 self.rl.rollout.temperature)
-        return out.cpu()
+        return {"out": out.cpu(), "compute_s": time.perf_counter() - t0}
 
     def train(self, batch: dict, step: int) -> dict[str, float]:
         from rlhf.rl.worker import policy_update
 
+        t0 = time.perf_counter()
         self.engine.module.train()
         out = policy_update(self.engine, self._to_device(batch), self.rl, self.rl.policy,
                             self.rank, self.world, step, self.ptx)
         self.version += 1
+        out["compute/train_policy_s"] = time.perf_counter() - t0
         return out
 
     def full_weights(self) -> dict[str, torch.Tensor] | None:
@@ -180,12 +185,14 @@ class ReferenceActor(_Rank):
         self.model = eng.init_frozen(self.model, cfg.rl.reference.zero_stage,
                                      cfg.rl.reference.micro_batch_size, dtype)
 
-    def logprobs(self, batch: dict) -> torch.Tensor:
+    def logprobs(self, batch: dict) -> dict:
         from rlhf.rl.worker import my_rows, response_logprobs
 
+        t0 = time.perf_counter()
         mine = self._to_device(my_rows(batch, self.rank, self.world))
-        return response_logprobs(self.model, mine, self.rl.reference.micro_batch_size,
-                                 self.rl.rollout.temperature).cpu()
+        out = response_logprobs(self.model, mine, self.rl.reference.micro_batch_size,
+                                self.rl.rollout.temperature)
+        return {"out": out.cpu(), "compute_s": time.perf_counter() - t0}
 
 
 class RewardActor(_Rank):
@@ -203,11 +210,13 @@ class RewardActor(_Rank):
         self.model = eng.init_frozen(self.model, cfg.rl.reward_model.zero_stage,
                                      cfg.rl.reward_model.micro_batch_size, dtype)
 
-    def scores(self, batch: dict) -> torch.Tensor:
+    def scores(self, batch: dict) -> dict:
         from rlhf.rl.worker import my_rows, sequence_scores
 
+        t0 = time.perf_counter()
         mine = self._to_device(my_rows(batch, self.rank, self.world))
-        return sequence_scores(self.model, mine, self.rl.reward_model.micro_batch_size).cpu()
+        out = sequence_scores(self.model, mine, self.rl.reward_model.micro_batch_size)
+        return {"out": out.cpu(), "compute_s": time.perf_counter() - t0}
 
 
 class CriticActor(_Rank):
@@ -225,19 +234,24 @@ class CriticActor(_Rank):
                             seed=cfg.run.seed)
         self.engine = _engine(model, rl.critic, rl, _optimizer_steps(rl), self.on_gpu, self.world)
 
-    def values(self, batch: dict) -> torch.Tensor:
+    def values(self, batch: dict) -> dict:
         from rlhf.rl.worker import my_rows, response_values
 
+        t0 = time.perf_counter()
         self.engine.module.eval()
         mine = self._to_device(my_rows(batch, self.rank, self.world))
-        return response_values(self.engine.module, mine, self.rl.critic.micro_batch_size).cpu()
+        out = response_values(self.engine.module, mine, self.rl.critic.micro_batch_size)
+        return {"out": out.cpu(), "compute_s": time.perf_counter() - t0}
 
     def train(self, batch: dict, step: int) -> dict[str, float]:
         from rlhf.rl.worker import critic_update
 
+        t0 = time.perf_counter()
         self.engine.module.train()
-        return critic_update(self.engine, self._to_device(batch), self.rl, self.rl.critic,
-                             self.rank, self.world, step)
+        out = critic_update(self.engine, self._to_device(batch), self.rl, self.rl.critic,
+                            self.rank, self.world, step)
+        out["compute/train_critic_s"] = time.perf_counter() - t0
+        return out
 
 
 ROLE_ACTORS = {"policy": PolicyActor, "reference": ReferenceActor, "critic": CriticActor,

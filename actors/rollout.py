@@ -235,16 +235,22 @@ class RolloutActor:
         self.index = engine_index
 
     def generate(self, prompt_token_ids: list[list[int]], n: int, max_tokens: int,
-                 temperature: float, top_p: float, seed: int | None) -> list[Sample]:
-        return self.engine.generate(prompt_token_ids, n=n, max_tokens=max_tokens,
-                                    temperature=temperature, top_p=top_p, seed=seed)
+                 temperature: float, top_p: float, seed: int | None) -> tuple[list[Sample], float]:
+        """Samples, and the seconds the engine spent generating them."""
+        t0 = time.perf_counter()
+        samples = self.engine.generate(prompt_token_ids, n=n, max_tokens=max_tokens,
+                                       temperature=temperature, top_p=top_p, seed=seed)
+        return samples, time.perf_counter() - t0
 
-    def load_weights(self, refs: list, version: int) -> int:
-        """New weights from the object store: `refs[0]` is a ref to {HF name: tensor}."""
+    def load_weights(self, refs: list, version: int) -> float:
+        """New weights from the object store (`refs[0]` is a ref to {HF name: tensor}); returns
+        the seconds of the in-place reload itself."""
         import ray
 
         state = ray.get(refs[0])
-        return self.engine.update_weights(state.items(), version=version)
+        t0 = time.perf_counter()
+        self.engine.update_weights(state.items(), version=version)
+        return time.perf_counter() - t0
 
     def version(self) -> int:
         return self.engine.weights_version

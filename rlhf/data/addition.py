@@ -61,11 +61,15 @@ def build(seed: int = 0) -> dict[str, list[dict]]:
         chats.append({"messages": turns})
     files["sft_messages"] = chats
     files["sft_eval"] = [{"input": question(a, b), "output": str(a + b)} for a, b in held[:200]]
+    # Any near miss, not only the nearest: an off-by-one answer differs in the units digit, an
+    # off-by-ten one in the tens digit, and a reward model should learn both kinds of error.
     files["pairwise"] = [
-        {"prompt": question(a, b), "chosen": str(a + b), "rejected": near_misses(a, b, rng)[0]}
+        {"prompt": question(a, b), "chosen": str(a + b),
+         "rejected": rng.choice(near_misses(a, b, rng))}
         for a, b in (next(take) for _ in range(2000))]
     files["pairwise_eval"] = [
-        {"prompt": question(a, b), "chosen": str(a + b), "rejected": near_misses(a, b, rng)[0]}
+        {"prompt": question(a, b), "chosen": str(a + b),
+         "rejected": rng.choice(near_misses(a, b, rng))}
         for a, b in held[:200]]
     files["ranked"] = [
         {"prompt": question(a, b),

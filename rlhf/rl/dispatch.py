@@ -23,6 +23,7 @@ class RolloutDispatcher:
         self.engines = engines
         self.max_inflight = max_inflight
         self.served = [0] * len(engines)  # prompts each engine served, over the run
+        self.last_compute_s = 0.0  # the busiest engine's generation seconds in the last call
 
     def generate(self, prompts: list[list[int]], *, n: int, chunk_size: int, max_tokens: int,
                  temperature: float, top_p: float = 1.0, seed: int | None = None) -> list:
@@ -31,6 +32,7 @@ class RolloutDispatcher:
         inflight = [0] * len(self.engines)
         pending: dict[ray.ObjectRef, tuple[int, int]] = {}
         results: dict[int, list] = {}
+        busy = [0.0] * len(self.engines)
         while queue or pending:
             while queue and min(inflight) < self.max_inflight:
                 engine = min(range(len(self.engines)), key=lambda i: (inflight[i], i))
@@ -43,11 +45,13 @@ class RolloutDispatcher:
             done, _ = ray.wait(list(pending), num_returns=1)
             engine, start = pending.pop(done[0])
             inflight[engine] -= 1
-            samples = ray.get(done[0])
+            samples, seconds = ray.get(done[0])
+            busy[engine] += seconds
             self.served[engine] += len(samples) // max(1, n)
             for s in samples:
                 s.prompt_index += start
             results[start] = samples
+        self.last_compute_s = max(busy)
         return [s for start in sorted(results) for s in results[start]]
 
     def check_versions(self, samples: list, expected: int) -> None:

@@ -37,7 +37,26 @@ def exact_match(prompt: str, response: str, label: str | None) -> float:
     return 1.0 if response.strip() == label.strip() else 0.0
 
 
-RULES: dict[str, RuleFn] = {"exact_match": exact_match}
+def digit_match(prompt: str, response: str, label: str | None) -> float:
+    """Exact match with partial credit for numeric answers: 1.0 when exact; otherwise half the
+    share of digit positions (aligned from the right) that agree; 0.0 for a non-number.
+
+    A denser signal than `exact_match` for arithmetic: the tens digit can be right while the
+    units digit is not, and the policy learns from both.
+    """
+    if label is None:
+        raise RewardError(f"digit_match needs a label for every prompt; {prompt!r} has none")
+    got, want = response.strip(), label.strip()
+    if got == want:
+        return 1.0
+    if not got.isdigit() or not want.isdigit():
+        return 0.0
+    width = max(len(got), len(want))
+    same = sum(a == b for a, b in zip(got.rjust(width, " "), want.rjust(width, " ")))
+    return 0.5 * same / width
+
+
+RULES: dict[str, RuleFn] = {"exact_match": exact_match, "digit_match": digit_match}
 
 
 def load_rule(spec: str) -> RuleFn:

@@ -59,10 +59,12 @@ class AdvantageWorker:
         """Returns (batch with advantages, metrics); only the metrics go to the driver."""
         return _advantages(batch, scores, ref_parts, old_parts, value_parts, kwargs)
 
-    def concat(self, parts: list) -> torch.Tensor:
+    def concat(self, parts: list) -> dict:
         from rlhf.rl.experience import concat_rows
 
-        return concat_rows(ray.get(parts))
+        got = ray.get(parts)
+        return {"out": concat_rows([g["out"] for g in got]),
+                "compute_s": max(g["compute_s"] for g in got)}
 
 
 def _advantages(batch: dict, scores: Any, ref_parts: list, old_parts: list, value_parts: list,
@@ -71,14 +73,21 @@ def _advantages(batch: dict, scores: Any, ref_parts: list, old_parts: list, valu
     from rlhf.rl.experience import compute_advantages, concat_rows
 
     parts = {"ref_logprobs": ref_parts, "old_logprobs": old_parts, "values": value_parts}
+    compute = {}
+    if isinstance(scores, dict):  # from the reward model actors
+        compute["compute/reward_s"] = scores["compute_s"]
+        scores = scores["out"]
     batch = {**batch, "scores": torch.as_tensor(scores, dtype=torch.float32)}
     for key, refs in parts.items():
         if refs:
-            batch[key] = concat_rows(ray.get(refs))
+            got = ray.get(refs)
+            batch[key] = concat_rows([g["out"] for g in got])
+            compute[f"compute/{key}_s"] = max(g["compute_s"] for g in got)
     batch, metrics = compute_advantages(batch, **kwargs)
     _, gap = truncated_is_weights(batch["old_logprobs"], batch["rollout_logprobs"],
                                   batch["response_mask"])
     metrics.update(gap)
+    metrics.update(compute)
     return batch, metrics
 
 
@@ -117,6 +126,7 @@ class RLRun:
         self.dispatcher = RolloutDispatcher(self.groups["rollout"].actors)
         self.helper = AdvantageWorker.remote()
         self.version = 0
+        self.reload_s = 0.0
         if rl.uses_nccl_sync:
             self._init_nccl_sync()
 
@@ -285,6 +295,11 @@ class RLRun:
         })
         metrics.update(t)
         metrics["timing/step"] = time.perf_counter() - t0
+        metrics["compute/generate_s"] = self.dispatcher.last_compute_s
+        metrics["compute/weight_reload_s"] = self.reload_s
+        compute = sum(v for k, v in metrics.items() if k.startswith("compute/"))
+        metrics["perf/model_compute_s"] = compute
+        metrics["perf/outside_compute_frac"] = max(0.0, 1.0 - compute / metrics["timing/step"])
         return metrics
 
     def sync_weights(self) -> None:
@@ -295,8 +310,8 @@ class RLRun:
             ray.get(policy.call_async("send_weights"))
         else:
             refs = ray.get(policy.call_async("weights_ref"))[0]
-            ray.get([e.load_weights.remote(refs, self.version)
-                     for e in self.groups["rollout"].actors])
+            self.reload_s = max(ray.get([e.load_weights.remote(refs, self.version)
+                                         for e in self.groups["rollout"].actors]))
         versions = ray.get([e.version.remote() for e in self.groups["rollout"].actors])
         if any(v != self.version for v in versions):
             from rlhf.rl.dispatch import StaleEngineError
@@ -315,12 +330,16 @@ class RLRun:
             max_tokens=self.rl.rollout.max_new_tokens, temperature=0.0)
         texts = [self.tok.decode(s.token_ids, skip_special_tokens=True) for s in samples]
         out = {"eval/num_prompts": float(len(samples))}
-        if self.reward_rule is not None and all(p[1] is not None for p in self.eval_prompts):
-            from rlhf.rl.rewards import rule_rewards
+        labels = [p[1] for p in self.eval_prompts]
+        if all(y is not None for y in labels):
+            from rlhf.rl.rewards import exact_match, rule_rewards
 
-            scores = rule_rewards(self.reward_rule, [p[2] for p in self.eval_prompts], texts,
-                                  [p[1] for p in self.eval_prompts])
-            out["eval/reward_mean"] = sum(scores) / len(scores)
+            questions = [p[2] for p in self.eval_prompts]
+            hits = rule_rewards(exact_match, questions, texts, labels)
+            out["eval/exact_match"] = sum(hits) / len(hits)
+            if self.reward_rule is not None:
+                scores = rule_rewards(self.reward_rule, questions, texts, labels)
+                out["eval/reward_mean"] = sum(scores) / len(scores)
         return out
 
 
