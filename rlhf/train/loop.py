@@ -206,8 +206,9 @@ def _run_steps(task: StageTask, engine: Any, data: Any, cfg: Config, stage: str,
             f"{stage}/lr": engine.get_lr()[0],
             f"{stage}/grad_norm": eng.global_grad_norm(engine),
             f"{stage}/skipped_steps": state["skipped_steps"],
-            f"{stage}/tokens_per_s": tokens / max(1e-9, time.time() - t_start),
         })
+        if tokens:  # language-modelling stages count tokens; preference stages count pairs
+            metrics[f"{stage}/tokens_per_s"] = tokens / max(1e-9, time.time() - t_start)
         last = state["step"] == scfg.max_steps
         if state["step"] % scfg.eval_interval == 0 or last:
             ev = evaluate(task, engine.module, data.eval, rank, world, scfg.micro_batch_size)
