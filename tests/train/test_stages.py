@@ -104,8 +104,18 @@ def test_two_workers_and_one_worker_give_the_same_weights_for_the_same_global_ba
     two = run_stage(small_config(tmp_path / "w2", "sft", "sft.num_workers=2",
                                  "sft.max_steps=2", "sft.micro_batch_size=2"), "sft", base_model)
     w1, w2 = _weights(one["model"]), _weights(two["model"])
+    base = _weights(base_model)
+    # Summing gradients in another order changes them by float rounding only, but Adam's first
+    # step is ~lr * g / (|g| + eps): where |g| is near eps that rounding moves an element by a
+    # visible part of lr. So: every tensor agrees to 1e-3 of its update on average, and at most
+    # 0.1% of its elements differ by more than 1% of its largest update. Gradients that were not
+    # averaged, or shards that overlap, move most elements by about lr and fail both.
     for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
+        update, diff = (w1[k] - base[k]).abs(), (w1[k] - w2[k]).abs()
+        assert update.max() > 0, k
+        assert diff.mean() <= 1e-3 * update.mean(), (k, float(diff.mean()), float(update.mean()))
+        outliers = int((diff > 1e-2 * update.max()).sum())
+        assert outliers <= max(1, diff.numel() // 1000), (k, outliers, diff.numel())
 
 
 def test_a_non_finite_run_aborts_with_a_clear_error(tmp_path, base_model):

@@ -1,0 +1,366 @@
+"""Benchmarks that print numbers: rollout throughput, weight sync, RL step breakdown, DPO reference
+cost and the peak memory of a whole run. Nothing here asserts a target; it measures.
+
+    python -m rlhf.bench all                     # rollout + sync + dpo-ref at both model sizes
+    python -m rlhf.bench rollout --size large    # vLLM vs transformers generate
+    python -m rlhf.bench sync --size demo        # object-store weight sync vs serialising
+    python -m rlhf.bench rl-step runs/tiny_cpu/rl/metrics.jsonl
+    python -m rlhf.bench memory -- rlhf run configs/tiny_cpu.yaml
+
+Model sizes: `demo` is `model.tiny` of configs/tiny_cpu.yaml (what `make demo` trains); `large` is
+a ~57M-parameter Llama (hidden 768, 8 layers, 12 heads, MLP 2048) with the same byte vocabulary.
+Both are randomly initialised: speed does not depend on what the weights say, and generation is
+forced to the full length (`ignore_eos`) so both engines produce the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import pickle
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
+LARGE = dict(hidden_size=768, num_layers=8, num_heads=12, num_kv_heads=12, intermediate_size=2048)
+
+
+def _size(name: str) -> dict:
+    if name == "large":
+        return dict(LARGE)
+    from rlhf.config import load_config
+
+    return load_config(DEMO_CONFIG, ["run.stages=[]"]).model.tiny.model_dump()
+
+
+def _model_dir(root: Path, name: str) -> Path:
+    from rlhf.models.factory import ensure_tiny_model
+
+    return ensure_tiny_model(root / name, seed=0, **_size(name))
+
+
+def _params(path: Path) -> int:
+    from safetensors.torch import load_file
+
+    return sum(t.numel() for t in load_file(str(path / "model.safetensors")).values())
+
+
+def _prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, min(vocab, 259), (count, length), generator=g).tolist()
+
+
+def _median(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ---- rollout throughput -----------------------------------------------------------------------------
+
+
+def bench_rollout(root: Path, name: str, prompts: int, n: int, prompt_len: int, new_tokens: int):
+    """Generated tokens per second: vLLM (our RolloutEngine) against HF `generate`, both sampling
+    at temperature 1 with every core of the machine, same prompts, same lengths."""
+    from transformers import AutoModelForCausalLM
+
+    from actors.rollout import RolloutEngine
+
+    path = _model_dir(root, name)
+    ids = _prompts(prompts, prompt_len, 320)
+    total = prompts * n * new_tokens
+    threads = torch.get_num_threads()
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    input_ids = torch.tensor(ids).repeat_interleave(n, dim=0)
+
+    def hf():
+        with torch.no_grad():
+            out = model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                do_sample=True,
+                temperature=1.0,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=0,
+            )
+        assert out.shape[1] == prompt_len + new_tokens
+
+    hf()  # warm-up
+    hf_s = _median(hf, 3)
+    model = None  # free it before vLLM starts
+
+    engine = RolloutEngine(
+        path, max_model_len=prompt_len + new_tokens, kv_cache_gb=1.0, max_num_seqs=prompts * n
+    )
+    torch.set_num_threads(threads)  # vLLM's CPU worker drops torch to one thread
+
+    def vllm():
+        out = engine.generate(ids, n=n, max_tokens=new_tokens, temperature=1.0, ignore_eos=True)
+        assert sum(len(s.token_ids) for s in out) == total
+
+    vllm()
+    vllm_s = _median(vllm, 3)
+    engine.shutdown()
+    return {
+        "size": name,
+        "params_M": round(_params(path) / 1e6, 1),
+        "sequences": prompts * n,
+        "prompt_tokens": prompt_len,
+        "new_tokens": new_tokens,
+        "threads": threads,
+        "hf_generate_tok_s": round(total / hf_s),
+        "vllm_tok_s": round(total / vllm_s),
+        "speedup": round(hf_s / vllm_s, 2),
+    }
+
+
+# ---- weight sync ------------------------------------------------------------------------------------
+
+
+def bench_sync(root: Path, name: str, repeat: int):
+    """One weight sync as the RL loop does it (policy actor -> object store -> every engine's
+    in-place reload, versions checked), against only serialising the state dict."""
+    import ray
+
+    from rlhf.config import load_config
+    from rlhf.rl.trainer import RLRun
+    from rlhf.runtime import init_ray, shutdown_ray
+
+    path = _model_dir(root, name)
+    from safetensors.torch import load_file
+
+    state = load_file(str(path / "model.safetensors"))
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    save_s = _median(lambda: torch.save(state, io.BytesIO()), repeat)
+    pickle_s = _median(lambda: pickle.dumps(state, protocol=5), repeat)
+
+    cfg = load_config(
+        DEMO_CONFIG,
+        [
+            f"run.output_dir={root / 'runs'}",
+            "run.name=sync",
+            "run.stages=[rl]",
+            "rl.algorithm=grpo",
+            "rl.eval_prompt_files=[]",
+            "rl.rollout.kv_cache_gb=0.1",
+            "rl.policy.cpus_per_actor=0.5",
+            "rl.reference.cpus_per_actor=0.5",
+            "rl.rollout.cpus_per_engine=0.5",
+            "rl.colocate=[]",
+        ],
+    )
+    init_ray(num_cpus=2, object_store_memory_gb=1.0)
+    run = RLRun(cfg, str(path), reward_model_dir=None)
+    try:
+        run.sync_weights()  # warm-up
+        times, reloads = [], []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            run.sync_weights()
+            times.append(time.perf_counter() - t0)
+            reloads.append(run.reload_s)
+    finally:
+        run.shutdown()
+        ray.kill(run.helper)
+        shutdown_ray()
+    return {
+        "size": name,
+        "params_M": round(_params(path) / 1e6, 1),
+        "state_MB": round(nbytes / 2**20, 1),
+        "sync_s": round(statistics.median(times), 4),
+        "of_which_engine_reload_s": round(statistics.median(reloads), 4),
+        "torch_save_s": round(save_s, 4),
+        "pickle_s": round(pickle_s, 4),
+        "sync_over_torch_save": round(statistics.median(times) / save_s, 2),
+    }
+
+
+# ---- DPO reference cost -----------------------------------------------------------------------------
+
+
+def bench_dpo_ref(root: Path, name: str, repeat: int):
+    """Per DPO micro-batch: the policy's forward+backward against the frozen reference's forward,
+    and what a live reference costs over the demo's DPO stage against precomputing it once."""
+    from rlhf.config import load_config
+    from rlhf.data.stages import prepare_preferences
+    from rlhf.models.factory import load_causal_lm
+
+    cfg = load_config(DEMO_CONFIG, ["run.stages=[]"])
+    dcfg = cfg.dpo
+    path = _model_dir(root, name)
+    policy = load_causal_lm(path).train()
+    reference = load_causal_lm(path).eval().requires_grad_(False)
+    rows = 2 * dcfg.micro_batch_size  # chosen and rejected
+    ids = torch.tensor(_prompts(rows, dcfg.max_length, 320))
+    mask = torch.ones_like(ids)
+
+    def policy_step():
+        logits = policy(input_ids=ids, attention_mask=mask).logits
+        logits.float().log_softmax(-1).mean().backward()
+
+    def ref_forward():
+        with torch.no_grad():
+            reference(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+
+    policy_step(), ref_forward()
+    policy_s, ref_s = _median(policy_step, repeat), _median(ref_forward, repeat)
+    _, _, report = prepare_preferences(dcfg, str(path), seed=cfg.run.seed)
+    pairs = report["train"]["samples"]
+    micro_per_step = dcfg.global_batch_size // dcfg.micro_batch_size
+    steps = dcfg.max_steps
+    epochs = steps * dcfg.global_batch_size / pairs if pairs else float("nan")
+    live = steps * micro_per_step * ref_s
+    precompute = (pairs / dcfg.micro_batch_size) * ref_s if pairs else float("nan")
+    stage = steps * micro_per_step * (policy_s + ref_s)
+    return {
+        "size": name,
+        "micro_batch_pairs": dcfg.micro_batch_size,
+        "seq_len": dcfg.max_length,
+        "policy_fwd_bwd_s": round(policy_s, 4),
+        "reference_fwd_s": round(ref_s, 4),
+        "reference_share_of_step": round(ref_s / (policy_s + ref_s), 3),
+        "demo_pairs": pairs,
+        "demo_steps": steps,
+        "demo_epochs": round(epochs, 2),
+        "live_reference_s": round(live, 1),
+        "precomputed_reference_s": round(precompute, 1),
+        "precompute_saves_of_stage": round((live - precompute) / stage, 3) if pairs else None,
+    }
+
+
+# ---- RL step breakdown ------------------------------------------------------------------------------
+
+
+def rl_step_report(metrics_file: Path) -> dict:
+    """Mean phase seconds of an RL run's steps and the share outside model compute."""
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    steps = [r for r in rows if "timing/step" in r]
+    if not steps:
+        raise SystemExit(f"{metrics_file}: no RL step rows (no 'timing/step' key)")
+    steps = steps[1:] or steps  # the first step pays one-off warm-ups
+    keys = sorted({k for r in steps for k in r if k.startswith(("timing/", "compute/", "perf/"))})
+    return {
+        "steps": len(steps),
+        **{k: round(statistics.mean(r[k] for r in steps if k in r), 4) for k in keys},
+    }
+
+
+# ---- peak memory ------------------------------------------------------------------------------------
+
+
+def peak_memory(cmd: list[str], interval: float = 0.5) -> dict:
+    """Run `cmd`; sample the proportional set size (PSS: shared pages split between the processes
+    that map them) of its whole process tree, Ray's GCS, raylet, workers and object store
+    included, and the machine's used memory. Returns peaks in GiB and the exit code."""
+    import psutil
+
+    baseline = psutil.virtual_memory().total - psutil.virtual_memory().available
+    proc = subprocess.Popen(cmd)
+    root = psutil.Process(proc.pid)
+    peak = {"tree_pss_gib": 0.0, "machine_used_delta_gib": 0.0}
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            total = 0
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            for p in procs:
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                    total += p.memory_full_info().pss
+            vm = psutil.virtual_memory()
+            peak["tree_pss_gib"] = max(peak["tree_pss_gib"], total / 2**30)
+            peak["machine_used_delta_gib"] = max(
+                peak["machine_used_delta_gib"], (vm.total - vm.available - baseline) / 2**30
+            )
+            done.wait(interval)
+
+    t0 = time.time()
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    rc = proc.wait()
+    done.set()
+    watcher.join()
+    return {
+        "cmd": " ".join(cmd),
+        "exit_code": rc,
+        "wall_s": round(time.time() - t0, 1),
+        **{k: round(v, 2) for k, v in peak.items()},
+    }
+
+
+# ---- command line -----------------------------------------------------------------------------------
+
+
+def _print(title: str, result: dict) -> None:
+    print(f"{title}: " + json.dumps(result), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m rlhf.bench", description=__doc__.splitlines()[0]
+    )
+    sub = parser.add_subparsers(dest="what", required=True)
+    for name in ("rollout", "sync", "dpo-ref", "all"):
+        p = sub.add_parser(name)
+        p.add_argument("--size", choices=["demo", "large", "both"], default="both")
+        p.add_argument("--repeat", type=int, default=5)
+        p.add_argument("--prompts", type=int, default=64)
+        p.add_argument("--n", type=int, default=4, help="samples per prompt")
+        p.add_argument("--prompt-len", type=int, default=32)
+        p.add_argument("--new-tokens", type=int, default=64)
+        p.add_argument("--workdir", type=Path, default=None, help="where models are built")
+    p = sub.add_parser("rl-step")
+    p.add_argument("metrics", type=Path, help="an RL run's rl/metrics.jsonl")
+    p = sub.add_parser("memory")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- command to run and watch")
+    args = parser.parse_args(argv)
+
+    if args.what == "rl-step":
+        _print("rl_step", rl_step_report(args.metrics))
+        return 0
+    if args.what == "memory":
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not cmd:
+            parser.error("memory: give the command after --")
+        result = peak_memory(cmd)
+        _print("memory", result)
+        return result["exit_code"]
+
+    sizes = ["demo", "large"] if args.size == "both" else [args.size]
+    with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as tmp:
+        root = args.workdir or Path(tmp)
+        for size in sizes:
+            if args.what in ("rollout", "all"):
+                _print(
+                    "rollout",
+                    bench_rollout(
+                        root, size, args.prompts, args.n, args.prompt_len, args.new_tokens
+                    ),
+                )
+            if args.what in ("sync", "all"):
+                _print("weight_sync", bench_sync(root, size, args.repeat))
+            if args.what in ("dpo-ref", "all"):
+                _print("dpo_reference", bench_dpo_ref(root, size, args.repeat))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
