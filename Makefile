@@ -36,6 +36,9 @@ demo: venv
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+bench: venv
+	$(PY) -m rlhf.bench all
+
 lint: venv
 	$(VENV)/bin/ruff check rlhf actors tests
 	$(VENV)/bin/ruff format --check rlhf actors tests

@@ -249,9 +249,11 @@ def bench_dpo_ref(root: Path, name: str, repeat: int):
 def rl_step_report(metrics_file: Path) -> dict:
     """Mean phase seconds of an RL run's steps and the share outside model compute."""
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    # The pipeline's file prefixes every key with the stage ("rl/timing/step").
+    rows = [{k.removeprefix("rl/"): v for k, v in r.items()} for r in rows]
     steps = [r for r in rows if "timing/step" in r]
     if not steps:
-        raise SystemExit(f"{metrics_file}: no RL step rows (no 'timing/step' key)")
+        raise SystemExit(f"{metrics_file}: no RL step rows (no 'rl/timing/step' key)")
     steps = steps[1:] or steps  # the first step pays one-off warm-ups
     keys = sorted({k for r in steps for k in r if k.startswith(("timing/", "compute/", "perf/"))})
     return {
