@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,10 @@ class MetricsWriter:
         for k, v in clean.items():
             if math.isfinite(v):
                 self.tb.add_scalar(k, v, step)
-        print(progress_line(step, total, clean, time.time() - self.t0), flush=True)
+        # Not print(): inside a Ray Train worker print is patched to also log the line, and the
+        # driver would show it twice (once from the worker's stdout, once from its stderr).
+        sys.stdout.write(progress_line(step, total, clean, time.time() - self.t0) + "\n")
+        sys.stdout.flush()
 
     def log_event(self, name: str, payload: Any) -> None:
         if self.enabled:
