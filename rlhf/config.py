@@ -53,6 +53,11 @@ class RayConfig(Section):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray; None: all.")
     object_store_memory_gb: float = Field(1.0, gt=0, description="Embedded Ray object store.")
+    dashboard: bool = Field(
+        True,
+        description="Embedded Ray: serve the dashboard (and the state API Ray Train polls) on "
+        "127.0.0.1 only.",
+    )
 
 
 class TinyModelConfig(Section):

@@ -69,7 +69,8 @@ def run_pipeline(cfg: Config) -> dict:
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
     with timed(timings, "ray"):
         init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus,
-                 object_store_memory_gb=cfg.ray.object_store_memory_gb)
+                 object_store_memory_gb=cfg.ray.object_store_memory_gb,
+                 dashboard=cfg.ray.dashboard)
     with timed(timings, "base_model"):
         base = base_model(cfg)
     outputs: dict[str, str] = {}

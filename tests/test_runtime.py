@@ -1,5 +1,7 @@
 """Ray runtime: which cluster is joined, and an embedded cluster that listens on loopback only."""
 
+import os
+
 import pytest
 
 from rlhf.runtime import cluster_address, init_ray, is_loopback, listening_sockets
@@ -59,3 +61,30 @@ def test_a_cluster_at_a_loopback_address_is_joined_in_loopback_mode():
         assert _is_loopback_cluster(address), address
     for address in ("10.0.0.5:6379", "head-node:6379", "ray://127.0.0.1:10001"):
         assert not _is_loopback_cluster(address), address
+
+
+_DASHBOARD_PROBE = """
+import json
+from rlhf.runtime import init_ray, listening_sockets
+address = init_ray(num_cpus=1, object_store_memory_gb=0.2, dashboard=True)
+from ray.util.state import list_actors
+actors = list_actors(address=address, raise_on_missing_output=False)  # what Ray Train's cleaner polls
+print(json.dumps({"state_api": isinstance(actors, list), "sockets": listening_sockets()}))
+"""
+
+
+@pytest.mark.ray
+def test_embedded_ray_with_dashboard_serves_the_state_api_on_loopback_only():
+    """The driver's default (`ray.dashboard: true`): dashboard and agents bind loopback too."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _DASHBOARD_PROBE], capture_output=True,
+                         text=True, timeout=240, env={**os.environ, "RAY_ADDRESS": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["state_api"]
+    assert len(result["sockets"]) > 3, result["sockets"]  # GCS, raylet, dashboard, agents
+    exposed = [s for s in result["sockets"] if not is_loopback(s[2])]
+    assert exposed == [], f"listening beyond loopback: {exposed}"
