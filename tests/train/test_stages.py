@@ -154,3 +154,24 @@ def test_rerunning_after_a_kill_resumes_and_matches_an_uninterrupted_run(tmp_pat
     w_ref, w_res = _weights(ref["model"]), _weights(resumed["model"])
     for k in w_ref:
         torch.testing.assert_close(w_ref[k], w_res[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_the_reward_model_learns_a_preference_it_can_see(tmp_path, base_model):
+    """Chosen answers are numbers, rejected ones a refusal: held-out pairwise accuracy must reach
+    near 1 (the score is read at the right token and the ranking loss has the right sign)."""
+
+    def pairs(lo, hi):
+        return "".join(json.dumps({"prompt": f"What is {a}+{a % 7}?", "chosen": str(a + a % 7),
+                                   "rejected": "I do not know."}) + "\n" for a in range(lo, hi))
+
+    (tmp_path / "train.jsonl").write_text(pairs(0, 64))
+    (tmp_path / "eval.jsonl").write_text(pairs(64, 96))
+    cfg = small_config(
+        tmp_path, "rm", f"rm.train_files=[{{path: {tmp_path / 'train.jsonl'}}}]",
+        f"rm.eval_files=[{{path: {tmp_path / 'eval.jsonl'}}}]", "rm.max_steps=24",
+        "rm.eval_interval=24", "rm.save_interval=24", "rm.lr=3e-3", "rm.log_interval=24",
+    )
+    run_stage(cfg, "rm", base_model)
+    rows = _metrics(cfg.run.dir / "rm")
+    assert rows[-1]["step"] == 24
+    assert rows[-1]["rm/eval_accuracy"] >= 0.9, rows[-1]
