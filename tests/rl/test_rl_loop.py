@@ -47,6 +47,9 @@ def test_ppo_two_engines_data_parallel_colocated(tmp_path, tiny_dir, ray_cluster
         "rl.colocate=[[policy, reference], [critic, reward_model]]",
         "rl.policy.cpus_per_actor=0.25", "rl.critic.cpus_per_actor=0.25",
         "rl.rollout.cpus_per_engine=0.25",
+        # Full lr from the first update, so two updates move the policy far enough that an
+        # engine left on the old weights shows a logprob gap above rl.rollout.max_logprob_gap.
+        "rl.policy.warmup_steps=0",
     )
     run = RLRun(cfg, str(tiny_dir), reward_model_dir=str(tiny_dir))
     try:
