@@ -7,6 +7,9 @@ which prepare the tiny model for the demo addition task), `code` (small generate
 functions) and `papers` (abstract-like paragraphs). About 8% of each source is junk that the
 filters must catch: exact copies, near copies with one word changed, symbol-heavy boilerplate,
 too-short fragments and repeated-line spam.
+
+No sum in it uses an operand pair held out by the demo task (`rlhf.data.addition.split`): the
+held-out evaluation measures what the model works out, not what it read during pretraining.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ import json
 import random
 import sys
 from pathlib import Path
+
+from rlhf.data.addition import split
+
+HELD_OUT_PAIRS = frozenset(split()[1])
 
 NAMES = ["Ada", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jon"]
 PLACES = ["the market", "the library", "the park", "the station", "a small cafe", "the harbour"]
@@ -25,8 +32,17 @@ FIELDS = ["sparse attention", "reward modelling", "curriculum learning", "weight
           "data deduplication", "policy gradients", "tokenization", "model distillation"]
 
 
+def _pair(rng: random.Random, a_range: tuple[int, int], b_range: tuple[int, int]
+          ) -> tuple[int, int]:
+    """Operands drawn from the ranges, never a pair held out by the demo task."""
+    while True:
+        a, b = rng.randint(*a_range), rng.randint(*b_range)
+        if (a, b) not in HELD_OUT_PAIRS:
+            return a, b
+
+
 def _arith(rng: random.Random) -> str:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    a, b = _pair(rng, (0, 99), (0, 99))
     return rng.choice([
         f"{a} plus {b} equals {a + b}.", f"What is {a}+{b}? {a + b}.", f"{a}+{b}={a + b}.",
         f"If you add {a} and {b} you get {a + b}.", f"The sum of {a} and {b} is {a + b}.",
@@ -35,7 +51,7 @@ def _arith(rng: random.Random) -> str:
 
 def web_doc(rng: random.Random) -> str:
     name, other = rng.sample(NAMES, 2)
-    n, m = rng.randint(2, 60), rng.randint(2, 39)
+    n, m = _pair(rng, (2, 60), (2, 39))
     thing, topic = rng.choice(THINGS), rng.choice(TOPICS)
     sentences = [
         f"{name} went to {rng.choice(PLACES)} on a {rng.choice(['sunny', 'rainy', 'quiet'])} "
@@ -52,7 +68,7 @@ def web_doc(rng: random.Random) -> str:
 
 def code_doc(rng: random.Random) -> str:
     fn = rng.choice(["total", "scale", "clip", "mean_of", "count_if", "add_pair"])
-    a, b = rng.randint(1, 9), rng.randint(10, 99)
+    a, b = _pair(rng, (1, 9), (10, 99))
     bodies = {
         "total": "def total(xs):\n    s = 0\n    for x in xs:\n        s += x\n    return s\n",
         "scale": f"def scale(xs, k={a}):\n    return [x * k for x in xs]\n",
