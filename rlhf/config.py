@@ -299,8 +299,13 @@ class RLConfig(Section):
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     whiten_advantages: bool = Field(True, description="PPO: whiten GAE advantages per batch.")
     kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient (initial if adaptive).")
-    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimate.")
-    kl_in_reward: bool = Field(True, description="KL in the reward (PPO); False: a loss term.")
+    kl_estimator: Literal["k1", "k2", "k3"] | None = Field(
+        None, description="Per-token KL estimate; None: k1 in the reward, k3 as a loss."
+    )
+    kl_in_reward: bool | None = Field(
+        None, description="KL in the reward, or (False) a loss term; None: a loss for grpo "
+        "(Shao et al. 2024), the reward for the rest."
+    )
     kl_controller: Literal["fixed", "adaptive"] = Field("fixed", description="KL coefficient.")
     kl_target: float = Field(6.0, gt=0, description="Adaptive controller: target KL.")
     kl_horizon: int = Field(10000, ge=1, description="Adaptive controller: horizon.")
@@ -330,6 +335,20 @@ class RLConfig(Section):
             return (self.rollout.gpus_per_engine > 0 and self.policy.gpus_per_actor > 0
                     and not self.policy.lora.enabled)
         return self.rollout.weight_sync == "nccl"
+
+    @property
+    def kl_as_reward(self) -> bool:
+        """Where the KL penalty goes: the reward (True) or the policy loss (False)."""
+        if self.kl_in_reward is None:
+            return self.algorithm != "grpo"
+        return self.kl_in_reward
+
+    @property
+    def kl_estimate(self) -> str:
+        """The per-token KL estimator in use."""
+        if self.kl_estimator is None:
+            return "k1" if self.kl_as_reward else "k3"
+        return self.kl_estimator
 
     @property
     def rollout_batch_size(self) -> int:
@@ -369,6 +388,13 @@ class RLConfig(Section):
                 f"algorithm={self.algorithm!r} compares samples of a prompt: "
                 f"samples_per_prompt={self.samples_per_prompt} must be >= 2"
             )
+        if self.algorithm == "grpo" and self.kl_in_reward and self.kl_coef > 0:
+            # A group whose scores are equal would get advantages made of its KL differences
+            # alone, divided by their (tiny) std: unit-sized noise instead of zero.
+            raise ValueError(
+                "kl_in_reward=true with algorithm='grpo': GRPO divides by each group's reward "
+                "std, which turns the KL differences of an all-equal group into unit-sized "
+                "advantages; use kl_in_reward=false (the KL loss), or dr_grpo / rloo")
         if self.reward.kind == "http" and not self.reward.url:
             raise ValueError("reward.kind='http' needs reward.url")
         if self.ptx_coef > 0 and not self.ptx_files:

@@ -108,3 +108,21 @@ def test_a_tiny_model_head_size_vllm_cannot_run_is_rejected():
     with pytest.raises(ConfigError, match=r"hidden_size/num_heads = 32/2 = 16"):
         load_config(None, ["run.stages=[]", "model.tiny.hidden_size=32", "model.tiny.num_heads=2",
                            "model.tiny.num_kv_heads=2"])
+
+
+def test_the_kl_goes_into_the_loss_for_grpo_and_the_reward_otherwise():
+    auto = {alg: load_config(None, ["run.stages=[]", f"rl.algorithm={alg}"]).rl
+            for alg in ("ppo", "grpo", "rloo", "reinforce_pp")}
+    assert [(alg, rl.kl_as_reward, rl.kl_estimate) for alg, rl in auto.items()] == [
+        ("ppo", True, "k1"), ("grpo", False, "k3"), ("rloo", True, "k1"),
+        ("reinforce_pp", True, "k1")]
+    chosen = load_config(None, ["run.stages=[]", "rl.kl_in_reward=false", "rl.kl_estimator=k2"])
+    assert (chosen.rl.kl_as_reward, chosen.rl.kl_estimate) == (False, "k2")
+
+
+def test_grpo_with_the_kl_in_its_reward_is_rejected_with_the_reason():
+    with pytest.raises(ConfigError, match=r"kl_in_reward=true with algorithm='grpo'.*std"):
+        load_config(None, ["run.stages=[]", "rl.algorithm=grpo", "rl.kl_in_reward=true"])
+    # Without a KL penalty there is nothing to amplify.
+    load_config(None, ["run.stages=[]", "rl.algorithm=grpo", "rl.kl_in_reward=true",
+                       "rl.kl_coef=0"])

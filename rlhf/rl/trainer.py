@@ -264,8 +264,8 @@ class RLRun:
             adv_ref, metrics_ref = self.helper.compute.remote(
                 batch_ref, scores, ref_parts, old_parts, value_parts,
                 dict(algorithm=rl.algorithm, group_size=rl.samples_per_prompt,
-                     kl_coef=self.kl.value, kl_estimator=rl.kl_estimator,
-                     kl_in_reward=rl.kl_in_reward, gamma=rl.gamma, lam=rl.lam,
+                     kl_coef=self.kl.value, kl_estimator=rl.kl_estimate,
+                     kl_in_reward=rl.kl_as_reward, gamma=rl.gamma, lam=rl.lam,
                      whiten=rl.whiten_advantages))
             metrics = ray.get(metrics_ref)
         if metrics["rollout/logprob_gap"] > rl.rollout.max_logprob_gap:

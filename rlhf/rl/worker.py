@@ -142,9 +142,9 @@ def policy_update(engine: Any, batch: dict, rl: RLConfig, role: TrainRoleConfig,
                     is_weights=is_weights)
                 metrics.update(pm)
                 metrics["policy/pg_loss"] = loss.item() * world * gas
-                if not rl.kl_in_reward and rl.kl_coef > 0:
+                if not rl.kl_as_reward and rl.kl_coef > 0:
                     kl_term, km = kl_loss(logp, chunk["ref_logprobs"], mask, rl.kl_coef,
-                                          rl.kl_estimator, rl.loss_mode, norm)
+                                          rl.kl_estimate, rl.loss_mode, norm)
                     loss = loss + kl_term
                     metrics["policy/kl_loss"] = kl_term.item() * world * gas
                 entropy = entropy_from_logits(logits)
