@@ -5,6 +5,8 @@
 A question is `What is 23+45?` and the answer exactly `68`. The 10,000 (a, b) questions are
 shuffled once with the seed; the first 400 are held out (evaluation files) and never appear in a
 training file. Wrong answers for preference data are near misses (off by 1 or 10, digits swapped).
+The 4,000 RL prompts are questions no demonstration or preference file asks: the verifier has
+more to check than the demonstrations show.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def build(seed: int = 0) -> dict[str, list[dict]]:
                                   enumerate([str(a + b), *near_misses(a, b, rng)[:2]])], 3)}
         for a, b in (next(take) for _ in range(300))]
     files["prompts"] = [{"prompt": question(a, b), "label": str(a + b)}
-                        for a, b in (next(take) for _ in range(1000))]
+                        for a, b in (next(take) for _ in range(4000))]
     files["prompts_eval"] = [{"prompt": question(a, b), "label": str(a + b)}
                              for a, b in held[200:400]]
     return files

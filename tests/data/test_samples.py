@@ -60,3 +60,12 @@ def test_the_evaluation_files_are_the_held_out_pairs():
                                        ("# 4 + 95 == 99", (4, 95)), ("The sum of 5 and 6", (5, 6))])
 def test_the_pair_parser_reads_each_surface_form(text, pair):
     assert _pairs(text) == {pair}
+
+
+def test_the_rl_prompts_are_questions_no_demonstration_or_preference_asks():
+    def pairs_of(*names: str) -> set[tuple[int, int]]:
+        return set().union(*(_pairs((SAMPLES / f"{n}.jsonl").read_text()) for n in names))
+
+    prompts = pairs_of("prompts")
+    assert len(prompts) == 4000
+    assert not prompts & pairs_of("sft_io", "sft_instruction", "sft_messages", "pairwise", "ranked")
