@@ -24,6 +24,11 @@ def _pairs(text: str) -> set[tuple[int, int]]:
     return out
 
 
+def _pairs_in(*paths: Path) -> set[tuple[int, int]]:
+    """Every operand pair asked or stated in the files."""
+    return set().union(*(_pairs(p.read_text(encoding="utf-8")) for p in paths))
+
+
 def _shipped(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
@@ -41,9 +46,7 @@ def test_no_held_out_pair_appears_in_any_training_file():
     assert len(held) == addition.HELD_OUT
     training = [p for p in sorted(SAMPLES.rglob("*.jsonl")) if p.stem not in EVAL_FILES]
     assert len(training) >= 9  # pretraining sources, SFT formats, preferences, prompts
-    seen: set[tuple[int, int]] = set()
-    for path in training:
-        seen |= _pairs(path.read_text(encoding="utf-8"))
+    seen = _pairs_in(*training)
     assert len(seen) > 5000  # the parser does find the sums in the training text
     assert not held & seen, sorted(held & seen)[:10]
 
@@ -51,7 +54,7 @@ def test_no_held_out_pair_appears_in_any_training_file():
 def test_the_evaluation_files_are_the_held_out_pairs():
     held = set(addition.split()[1])
     for name in sorted(EVAL_FILES):
-        found = _pairs((SAMPLES / f"{name}.jsonl").read_text(encoding="utf-8"))
+        found = _pairs_in(SAMPLES / f"{name}.jsonl")
         assert found and found <= held, name
 
 
@@ -63,9 +66,8 @@ def test_the_pair_parser_reads_each_surface_form(text, pair):
 
 
 def test_the_rl_prompts_are_questions_no_demonstration_or_preference_asks():
-    def pairs_of(*names: str) -> set[tuple[int, int]]:
-        return set().union(*(_pairs((SAMPLES / f"{n}.jsonl").read_text()) for n in names))
-
-    prompts = pairs_of("prompts")
+    prompts = _pairs_in(SAMPLES / "prompts.jsonl")
     assert len(prompts) == 4000
-    assert not prompts & pairs_of("sft_io", "sft_instruction", "sft_messages", "pairwise", "ranked")
+    asked = _pairs_in(*(SAMPLES / f"{n}.jsonl" for n in
+                        ("sft_io", "sft_instruction", "sft_messages", "pairwise", "ranked")))
+    assert not prompts & asked
