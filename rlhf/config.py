@@ -286,6 +286,14 @@ class RLConfig(Section):
     max_steps: int = Field(20, ge=1, description="RL steps (generate -> update -> sync).")
     prompts_per_step: int = Field(32, ge=1, description="Prompts sampled per step.")
     samples_per_prompt: int = Field(4, ge=1, description="Responses per prompt (group size).")
+    filter_groups: bool = Field(
+        False, description="Dynamic sampling (DAPO): train only on prompts whose samples' scores "
+        "differ, sampling more prompts until prompts_per_step such groups are found."
+    )
+    filter_max_rounds: int = Field(
+        4, ge=1, description="filter_groups: most generation rounds per step; a batch still short "
+        "after them is filled with equal-score groups (counted in filter/padded_groups)."
+    )
     ppo_epochs: int = Field(1, ge=1, description="Passes over each step's experience.")
     mini_batch_size: int = Field(64, ge=1, description="Samples per optimizer step.")
     loss_mode: Literal["token_mean", "seq_mean", "seq_sum"] = Field(
@@ -388,6 +396,9 @@ class RLConfig(Section):
                 f"algorithm={self.algorithm!r} compares samples of a prompt: "
                 f"samples_per_prompt={self.samples_per_prompt} must be >= 2"
             )
+        if self.filter_groups and self.samples_per_prompt < 2:
+            raise ValueError("filter_groups=true keeps prompts whose samples' scores differ: "
+                             f"samples_per_prompt={self.samples_per_prompt} must be >= 2")
         if self.algorithm == "grpo" and self.kl_in_reward and self.kl_coef > 0:
             # A group whose scores are equal would get advantages made of its KL differences
             # alone, divided by their (tiny) std: unit-sized noise instead of zero.

@@ -126,3 +126,9 @@ def test_grpo_with_the_kl_in_its_reward_is_rejected_with_the_reason():
     # Without a KL penalty there is nothing to amplify.
     load_config(None, ["run.stages=[]", "rl.algorithm=grpo", "rl.kl_in_reward=true",
                        "rl.kl_coef=0"])
+
+
+def test_group_filtering_needs_groups():
+    with pytest.raises(ConfigError, match=r"filter_groups=true .* samples_per_prompt=1 must be"):
+        load_config(None, ["run.stages=[]", "rl.filter_groups=true", "rl.samples_per_prompt=1",
+                           "rl.mini_batch_size=32"])

@@ -144,3 +144,16 @@ def take_rows(batch: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
     rows = batch["input_ids"].shape[0]
     return {k: (v[index] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v)
             for k, v in batch.items()}
+
+
+def groups_with_signal(scores: list[float], group_size: int, tol: float = 1e-6) -> list[bool]:
+    """For each run of `group_size` consecutive scores (one prompt's samples): do they differ?
+
+    Every group estimator gives an all-equal group zero advantage, so its tokens add nothing to
+    the policy gradient but still count in a token-mean loss's denominator; DAPO's dynamic
+    sampling (Yu et al. 2025, sec. 3.2) trains on the other groups only.
+    """
+    if len(scores) % group_size:
+        raise ValueError(f"{len(scores)} scores are not whole groups of {group_size}")
+    groups = [scores[i : i + group_size] for i in range(0, len(scores), group_size)]
+    return [max(g) - min(g) > tol for g in groups]

@@ -20,6 +20,7 @@ The driver holds object refs and small metrics only; token tensors go from the s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from contextlib import contextmanager
@@ -127,6 +128,7 @@ class RLRun:
         self.helper = AdvantageWorker.remote()
         self.version = 0
         self.reload_s = 0.0
+        self.prompt_cursor = 0  # prompts taken from the stream so far
         if rl.uses_nccl_sync:
             self._init_nccl_sync()
 
@@ -202,12 +204,91 @@ class RLRun:
 
     # ---- one step -----------------------------------------------------------------------------
 
-    def _step_prompts(self, step: int) -> list[tuple[list[int], str | None, str]]:
+    def _next_prompts(self) -> list[tuple[list[int], str | None, str]]:
+        """The next prompts_per_step prompts of the shuffled stream (a new order every epoch)."""
         from rlhf.train.loop import stream_indices
 
         k = self.rl.prompts_per_step
-        return [self.prompts[i] for i in stream_indices(step * k, k, len(self.prompts),
-                                                        self.cfg.run.seed)]
+        ids = stream_indices(self.prompt_cursor, k, len(self.prompts), self.cfg.run.seed)
+        self.prompt_cursor += k
+        return [self.prompts[i] for i in ids]
+
+    def _rollouts(self, step: int, t: dict[str, float]) -> tuple[list, list, Any, Any, dict]:
+        """One step's prompts, samples, batch (object ref) and scores, plus metrics; timed as
+        `generate` and `reward`.
+
+        With rl.filter_groups (DAPO's dynamic sampling), rounds of prompts_per_step prompts are
+        sampled and scored until prompts_per_step prompts whose samples' scores differ are found,
+        or for rl.filter_max_rounds rounds; a batch still short is filled with equal-score groups
+        (they carry no policy gradient, and `filter/padded_groups` counts them), so the training
+        batch always has rollout_batch_size samples.
+        """
+        from rlhf.rl.experience import groups_with_signal
+
+        rl = self.rl
+        k, n = rl.prompts_per_step, rl.samples_per_prompt
+        t["timing/generate"] = t["timing/reward"] = 0.0
+        self.generate_compute_s = reward_compute_s = 0.0
+        rich: list[tuple] = []  # (prompt, samples, scores) of groups whose scores differ
+        flat: list[tuple] = []  # and of the others
+        seen: list[float] = []
+        rounds = rl.filter_max_rounds if rl.filter_groups else 1
+        for r in range(rounds):
+            t0 = time.perf_counter()
+            prompts = self._next_prompts()
+            samples = self.dispatcher.generate(
+                [p[0] for p in prompts], n=n, chunk_size=rl.rollout.chunk_size,
+                max_tokens=rl.rollout.max_new_tokens, temperature=rl.rollout.temperature,
+                top_p=rl.rollout.top_p,
+                seed=self.cfg.run.seed * 1_000_003 + step * 65_536 + r * k * n)
+            self.generate_compute_s += self.dispatcher.last_compute_s
+            self.dispatcher.check_versions(samples, self.version)
+            batch_ref = None
+            if not rl.filter_groups or rl.reward.kind == "model":
+                batch_ref = self._batch_ref(prompts, samples)
+            t1 = time.perf_counter()
+            t["timing/generate"] += t1 - t0
+            scores = self._rewards(prompts, samples, batch_ref)
+            if not rl.filter_groups:
+                if isinstance(scores, ray.ObjectRef):
+                    _wait([scores])
+                t["timing/reward"] += time.perf_counter() - t1
+                return prompts, samples, batch_ref, scores, {}
+            if isinstance(scores, ray.ObjectRef):
+                got = ray.get(scores)
+                reward_compute_s += got["compute_s"]
+                scores = got["out"].tolist()
+            t["timing/reward"] += time.perf_counter() - t1
+            seen += scores
+            for i, signal in enumerate(groups_with_signal(scores, n)):
+                group = (prompts[i], samples[i * n : (i + 1) * n], scores[i * n : (i + 1) * n])
+                (rich if signal else flat).append(group)
+            if len(rich) >= k:
+                break
+        groups = (rich + flat)[:k]
+        t0 = time.perf_counter()
+        prompts = [g[0] for g in groups]
+        samples = [dataclasses.replace(s, prompt_index=i) for i, g in enumerate(groups)
+                   for s in g[1]]
+        scores = [x for g in groups for x in g[2]]
+        batch_ref = self._batch_ref(prompts, samples)
+        t["timing/generate"] += time.perf_counter() - t0
+        metrics = {
+            "filter/rounds": float(r + 1),
+            "filter/signal_frac": len(rich) / ((r + 1) * k),
+            "filter/padded_groups": float(max(0, k - len(rich))),
+            "reward/score_mean": sum(seen) / len(seen),
+        }
+        if rl.reward.kind == "model":
+            metrics["compute/reward_s"] = reward_compute_s
+        return prompts, samples, batch_ref, scores, metrics
+
+    def _batch_ref(self, prompts: list, samples: list) -> ray.ObjectRef:
+        from rlhf.rl.experience import build_batch
+
+        return ray.put(build_batch(
+            [prompts[s.prompt_index][0] for s in samples], [s.token_ids for s in samples],
+            [s.logprobs for s in samples], pad_id=self.tok.pad_token_id))
 
     def _rewards(self, prompts: list, samples: list, batch_ref: Any) -> Any:
         """Scores (B,) as a list of floats, or an object ref to a tensor (reward model)."""
@@ -233,25 +314,10 @@ class RLRun:
 
     def step(self, step: int) -> dict[str, float]:
         from rlhf.rl.dispatch import StaleEngineError
-        from rlhf.rl.experience import build_batch
 
         rl, t = self.rl, {}
         t0 = time.perf_counter()
-        prompts = self._step_prompts(step)
-        with phase(t, "generate"):
-            samples = self.dispatcher.generate(
-                [p[0] for p in prompts], n=rl.samples_per_prompt, chunk_size=rl.rollout.chunk_size,
-                max_tokens=rl.rollout.max_new_tokens, temperature=rl.rollout.temperature,
-                top_p=rl.rollout.top_p, seed=self.cfg.run.seed * 1_000_003 + step * 65_536)
-            self.dispatcher.check_versions(samples, self.version)
-            batch = build_batch([prompts[s.prompt_index][0] for s in samples],
-                                [s.token_ids for s in samples], [s.logprobs for s in samples],
-                                pad_id=self.tok.pad_token_id)
-            batch_ref = ray.put(batch)
-        with phase(t, "reward"):
-            scores = self._rewards(prompts, samples, batch_ref)
-            if isinstance(scores, ray.ObjectRef):
-                _wait([scores])
+        _, samples, batch_ref, scores, metrics_rollout = self._rollouts(step, t)
         with phase(t, "ref"):
             ref_parts = _wait(self.groups["reference"].call_async("logprobs", batch_ref))
         with phase(t, "logprobs"):
@@ -283,6 +349,9 @@ class RLRun:
         with phase(t, "weight_sync"):
             self.sync_weights()
         self.kl.update(metrics["kl/mean_per_sequence"], rl.rollout_batch_size)
+        if rl.filter_groups:  # the policy's reward is that of everything it generated
+            metrics["reward/trained_score_mean"] = metrics["reward/score_mean"]
+        metrics.update(metrics_rollout)
         lengths = [len(s.token_ids) for s in samples]
         metrics.update({
             "kl/coef": self.kl.value,
@@ -295,7 +364,7 @@ class RLRun:
         })
         metrics.update(t)
         metrics["timing/step"] = time.perf_counter() - t0
-        metrics["compute/generate_s"] = self.dispatcher.last_compute_s
+        metrics["compute/generate_s"] = self.generate_compute_s
         metrics["compute/weight_reload_s"] = self.reload_s
         compute = sum(v for k, v in metrics.items() if k.startswith("compute/"))
         metrics["perf/model_compute_s"] = compute

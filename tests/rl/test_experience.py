@@ -1,5 +1,6 @@
 """Experience batches: padding layout, logprob alignment under left padding, advantage phase."""
 
+import pytest
 import torch
 
 from rlhf.algorithms import token_logprobs
@@ -8,6 +9,7 @@ from rlhf.rl.experience import (
     build_batch,
     compute_advantages,
     concat_rows,
+    groups_with_signal,
     minibatches,
     rank_bounds,
     response_logits,
@@ -78,3 +80,12 @@ def test_rank_slices_and_minibatches_cover_every_row():
     assert sorted(torch.cat(mbs).tolist()) == list(range(12)) and len(mbs) == 3
     parts = [torch.ones(2, 3), torch.ones(1, 5)]
     assert concat_rows(parts).shape == (3, 5)
+
+
+def test_groups_with_signal_marks_groups_whose_scores_differ():
+    scores = [1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.5 + 1e-3]
+    assert groups_with_signal(scores, 2) == [False, True, False, True]
+    assert groups_with_signal(scores, 4) == [True, True]
+    assert groups_with_signal([0.3] * 3, 3) == [False]
+    with pytest.raises(ValueError, match="7 scores are not whole groups of 2"):
+        groups_with_signal(scores[:7], 2)

@@ -2,6 +2,7 @@
 
 import json
 import threading
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 from rlhf.config import load_config
 from rlhf.rl.dispatch import StaleEngineError
+from rlhf.rl.experience import groups_with_signal
 from rlhf.rl.trainer import RLRun, RLStageError, run_rl
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.e2e]
@@ -87,10 +89,20 @@ def test_ppo_two_engines_data_parallel_colocated(tmp_path, tiny_dir, ray_cluster
         run.shutdown()
 
 
-class _ExactMatch(BaseHTTPRequestHandler):
+def _coin(text: str) -> float:
+    """A fixed 0/1 score per text: splits a random policy's samples of a prompt half the time."""
+    return float(zlib.crc32(text.encode()) % 2)
+
+
+class _Scorer(BaseHTTPRequestHandler):
+    rule = "exact"  # or "coin"
+
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        rewards = [float(r.strip() == y) for r, y in zip(body["responses"], body["labels"])]
+        if self.rule == "coin":
+            rewards = [_coin(r) for r in body["responses"]]
+        else:
+            rewards = [float(r.strip() == y) for r, y in zip(body["responses"], body["labels"])]
         data = json.dumps({"rewards": rewards}).encode()
         self.send_response(200)
         self.end_headers()
@@ -103,7 +115,7 @@ class _ExactMatch(BaseHTTPRequestHandler):
 def test_each_critic_free_estimator_over_http_rewards(tmp_path, tiny_dir, ray_cluster):
     """One set of actors; each estimator drives two steps (the estimator only changes the
     advantage phase, so the test swaps it between steps instead of restarting the actors)."""
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _ExactMatch)
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Scorer)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_address[1]}/score"
     cfg = rl_config(tmp_path, "rl.algorithm=grpo", "rl.reward.kind=http", f"rl.reward.url={url}",
@@ -123,7 +135,35 @@ def test_each_critic_free_estimator_over_http_rewards(tmp_path, tiny_dir, ray_cl
                 assert 0.0 <= m["reward/score_mean"] <= 1.0
                 assert m["policy/kl_loss"] >= 0.0
         assert run.version == step
+
+        # Dynamic sampling. Under the coin reward about half the groups have scores that differ;
+        # the batch takes those first, in full groups, and is topped up only when 3 rounds of
+        # prompts did not find 4 of them.
+        k, n = 4, 2
+        _Scorer.rule = "coin"
+        run.rl = run.rl.model_copy(update={"algorithm": "grpo", "filter_groups": True,
+                                           "filter_max_rounds": 3})
+        cursor = run.prompt_cursor
+        prompts, samples, _, scores, m = run._rollouts(step, {})
+        rich = k - int(m["filter/padded_groups"])
+        assert len(prompts) == k and len(samples) == len(scores) == k * n
+        assert groups_with_signal(scores, n) == [True] * rich + [False] * (k - rich)
+        assert rich == k or m["filter/rounds"] == 3
+        assert run.prompt_cursor - cursor == k * m["filter/rounds"]
+        assert [s.prompt_index for s in samples] == [i for i in range(k) for _ in range(n)]
+        texts = [run.tok.decode(s.token_ids, skip_special_tokens=True) for s in samples]
+        assert scores == [_coin(x) for x in texts]  # each score stayed with its sample
+        m = run.step(step)
+        step += 1
+        assert m["filter/rounds"] >= 1 and m["rollout/logprob_gap"] < 1e-3
+        assert m["reward/trained_score_mean"] == 0.5 or m["filter/padded_groups"] > 0
+        # A reward that never varies: every round is spent and the batch is still full.
+        _Scorer.rule = "exact"
+        m = run.step(step)
+        assert (m["filter/rounds"], m["filter/padded_groups"], m["filter/signal_frac"]) == (3, k, 0)
+        assert m["reward/score_mean"] == 0.0 and m["response/length_mean"] > 0
     finally:
+        _Scorer.rule = "exact"
         run.shutdown()
         srv.shutdown()
 
