@@ -464,8 +464,17 @@ class RLConfig(Section):
 
 
 class EvalConfig(Section):
-    num_prompts: int = Field(200, ge=1, description="Held-out prompts each policy answers.")
-    max_new_tokens: int = Field(16, ge=1, description="Longest greedy answer in evaluation.")
+    prompt_files: list[DataFile] = Field(
+        default_factory=list, description="Held-out {prompt, label} files scored besides "
+        "sft.eval_files."
+    )
+    num_prompts: int = Field(400, ge=1, description="Held-out prompts each policy answers (at most).")
+    max_new_tokens: int = Field(16, ge=1, description="Longest answer in evaluation.")
+    samples: int = Field(
+        8, ge=0, description="Answers sampled per prompt for the sampled accuracy (the policy's "
+        "expected exact-match reward); 0: greedy only."
+    )
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the sampled answers.")
 
 
 class Config(Section):

@@ -1,12 +1,14 @@
-"""Held-out evaluation of the pipeline's policies: task accuracy, win rates, reward-model scores.
+"""Held-out evaluation of policies: task accuracy (greedy and sampled), paired tests, win rates.
 
     results = evaluate_pipeline(cfg, base_dir, {"sft": ".../sft/model", "dpo": ".../dpo/model"})
+    rlhf eval configs/tiny_cpu.yaml --model sft=runs/tiny_cpu/sft/model --model rl=runs/tiny_cpu/rl/model
 
-Every policy answers the held-out SFT prompts (`sft.eval_files`) greedily; an answer is correct
-when it equals the reference answer after stripping whitespace (the demo task's exact-match rule).
-DPO and RL policies are compared with SFT on the same prompts: a win when only the aligned policy is correct, a tie when both or
-neither are, so win rate = (wins + ties / 2) / prompts; when a reward model was trained it also
-judges the pair of answers.
+Every policy answers the held-out prompts (`sft.eval_files`, then `eval.prompt_files`) greedily and,
+with `eval.samples > 0`, by sampling; an answer is correct when it equals the reference answer
+after stripping whitespace (the demo task's exact-match rule). DPO and RL policies are compared
+with SFT on the same prompts: questions fixed and broken, exact McNemar and Wilcoxon p-values, and
+win rate = (wins + ties / 2) / prompts, where a win is a question only the compared policy gets
+right; when a reward model was trained it also judges the pair of greedy answers.
 """
 
 from __future__ import annotations
@@ -68,27 +70,116 @@ def win_rate(a: list[float], b: list[float]) -> float:
     return wins / max(1, len(a))
 
 
-def evaluate_pipeline(cfg: Config, base_dir: str, outputs: dict[str, str]) -> dict[str, Any]:
-    from rlhf.data.stages import load_eval_prompts
+def sampled_answers(model_dir: str, prompts: list[list[dict]], max_new_tokens: int,
+                    num_samples: int, temperature: float = 1.0, seed: int = 0,
+                    batch_size: int = 32) -> list[list[str]]:
+    """`num_samples` answers per chat prompt, sampled at `temperature` with transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not cfg.sft.eval_files:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    out: list[list[str]] = []
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(0, len(texts), batch_size):
+            enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True,
+                      add_special_tokens=False)
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True,
+                                 temperature=temperature, top_k=0, top_p=1.0,
+                                 num_return_sequences=num_samples,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            flat = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            out.extend(flat[j : j + num_samples] for j in range(0, len(flat), num_samples))
+    return out
+
+
+def mcnemar_p(a: list[bool], b: list[bool]) -> float:
+    """Exact two-sided McNemar test of paired right/wrong outcomes: a binomial test on the items
+    exactly one of the two got right (1.0 when there are none)."""
+    from scipy.stats import binomtest
+
+    only_b = sum(y and not x for x, y in zip(a, b))
+    only_a = sum(x and not y for x, y in zip(a, b))
+    if only_a + only_b == 0:
+        return 1.0
+    return float(binomtest(only_b, only_a + only_b, 0.5).pvalue)
+
+
+def paired_p(a: list[float], b: list[float]) -> float:
+    """Two-sided Wilcoxon signed-rank test of paired per-item scores (1.0 when all are equal)."""
+    from scipy.stats import wilcoxon
+
+    if all(x == y for x, y in zip(a, b)):
+        return 1.0
+    return float(wilcoxon(a, b).pvalue)
+
+
+def load_scored_prompts(cfg: Config) -> tuple[list[list[dict]], list[str]]:
+    """Held-out chats and reference answers: sft.eval_files, then eval.prompt_files."""
+    from rlhf.data import DataError
+    from rlhf.data.stages import load_eval_prompts, load_prompts
+
+    prompts, labels = load_eval_prompts(cfg.sft) if cfg.sft.eval_files else ([], [])
+    for f in cfg.eval.prompt_files:
+        items, _ = load_prompts([f])
+        for i, (turns, label) in enumerate(items):
+            if label is None:
+                raise DataError(f"{f.path}: record {i + 1}: no 'label': eval.prompt_files need "
+                                "the reference answer to score against")
+            prompts.append(turns)
+            labels.append(label)
+    n = cfg.eval.num_prompts
+    return prompts[:n], labels[:n]
+
+
+def evaluate_policies(cfg: Config, policies: dict[str, str], baseline: str,
+                      compare: list[str], rm_dir: str | None = None) -> dict[str, Any]:
+    """Accuracy of every policy on the held-out prompts; each of `compare` against `baseline`.
+
+    Per policy: greedy exact match (`eval/<name>_accuracy`) and, with eval.samples > 0, the mean
+    exact match of sampled answers (`eval/<name>_sampled_accuracy`: the expected reward of the
+    policy as RL samples it). Per compared pair: questions fixed and broken, win rates (exact
+    match; reward-model scores with `rm_dir`), and paired p-values (exact McNemar on greedy
+    answers, Wilcoxon signed-rank on per-question sampled accuracy).
+    """
+    prompts, labels = load_scored_prompts(cfg)
+    if not prompts:
         return {}
-    prompts, labels = load_eval_prompts(cfg.sft)
-    prompts, labels = prompts[: cfg.eval.num_prompts], labels[: cfg.eval.num_prompts]
+    ev = cfg.eval
     results: dict[str, Any] = {"eval/num_prompts": len(prompts)}
-    policies = {"base": base_dir, **{k: v for k, v in outputs.items() if k != "rm"}}
-    answers, correct = {}, {}
+    answers, correct, sampled = {}, {}, {}
     for name, path in policies.items():
-        answers[name] = greedy_answers(path, prompts, cfg.eval.max_new_tokens)
-        correct[name] = [float(exact_match(a, y)) for a, y in zip(answers[name], labels)]
-        results[f"eval/{name}_accuracy"] = round(sum(correct[name]) / max(1, len(prompts)), 4)
-    for name in ("dpo", "rl"):
-        if name not in answers or "sft" not in answers:
+        answers[name] = greedy_answers(path, prompts, ev.max_new_tokens)
+        correct[name] = [exact_match(a, y) for a, y in zip(answers[name], labels)]
+        results[f"eval/{name}_accuracy"] = round(sum(correct[name]) / len(prompts), 4)
+        if ev.samples > 0:
+            got = sampled_answers(path, prompts, ev.max_new_tokens, ev.samples, ev.temperature,
+                                  cfg.run.seed)
+            sampled[name] = [sum(exact_match(a, y) for a in many) / ev.samples
+                             for many, y in zip(got, labels)]
+            results[f"eval/{name}_sampled_accuracy"] = round(sum(sampled[name]) / len(prompts), 4)
+    for name in compare:
+        if name not in answers or baseline not in answers:
             continue
-        results[f"eval/{name}_vs_sft_win_rate_exact"] = round(
-            win_rate(correct[name], correct["sft"]), 4)
-        if "rm" in outputs:
-            mine = reward_scores(outputs["rm"], prompts, answers[name])
-            theirs = reward_scores(outputs["rm"], prompts, answers["sft"])
-            results[f"eval/{name}_vs_sft_win_rate_rm"] = round(win_rate(mine, theirs), 4)
+        a, b = correct[baseline], correct[name]
+        key = f"eval/{name}_vs_{baseline}"
+        results[f"{key}_fixed"] = sum(y and not x for x, y in zip(a, b))
+        results[f"{key}_broken"] = sum(x and not y for x, y in zip(a, b))
+        results[f"{key}_greedy_p"] = round(mcnemar_p(a, b), 4)
+        results[f"{key}_win_rate_exact"] = round(win_rate([float(x) for x in b],
+                                                          [float(x) for x in a]), 4)
+        if sampled:
+            results[f"{key}_sampled_p"] = float(f"{paired_p(sampled[baseline], sampled[name]):.3g}")
+        if rm_dir:
+            mine = reward_scores(rm_dir, prompts, answers[name])
+            theirs = reward_scores(rm_dir, prompts, answers[baseline])
+            results[f"{key}_win_rate_rm"] = round(win_rate(mine, theirs), 4)
     return results
+
+
+def evaluate_pipeline(cfg: Config, base_dir: str, outputs: dict[str, str]) -> dict[str, Any]:
+    """Every model the pipeline made (and the base), with DPO and RL compared to SFT."""
+    policies = {"base": base_dir, **{k: v for k, v in outputs.items() if k != "rm"}}
+    return evaluate_policies(cfg, policies, "sft", ["dpo", "rl"], outputs.get("rm"))

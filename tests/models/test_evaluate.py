@@ -1,0 +1,90 @@
+"""Held-out evaluation: paired tests, greedy and sampled accuracy of real checkpoints, `rlhf eval`."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhf.config import load_config
+from rlhf.data import DataError
+from rlhf.evaluate import evaluate_policies, greedy_answers, mcnemar_p, paired_p
+from rlhf.models.factory import ensure_tiny_model
+
+REPO = Path(__file__).resolve().parents[2]
+QUESTIONS = [f"What is {a}+{b}?" for a, b in [(1, 2), (30, 4), (5, 77), (12, 12), (9, 0), (40, 41)]]
+
+
+def test_mcnemar_counts_only_the_questions_that_changed():
+    before = [True] * 20 + [False] * 10
+    after = [True] * 20 + [True] * 10  # 10 fixed, none broken: p = 2 / 2**10
+    assert mcnemar_p(before, after) == pytest.approx(2 / 2**10)
+    assert mcnemar_p(after, before) == pytest.approx(2 / 2**10)
+    assert mcnemar_p(before, before) == 1.0
+    one_each = [True, False] + [True] * 5
+    assert mcnemar_p(one_each, [False, True] + [True] * 5) == 1.0
+
+
+def test_paired_test_sees_a_consistent_shift_and_not_a_reshuffle():
+    a = [0.5, 0.25, 0.75, 0.5, 0.0, 1.0, 0.5, 0.25, 0.75, 0.5] * 2
+    assert paired_p(a, [x + 0.125 for x in a]) < 0.001
+    assert paired_p(a, list(reversed(a))) > 0.5
+    assert paired_p(a, a) == 1.0
+
+
+def _cfg(tmp_path, labels, *extra):
+    rows = [{"prompt": q, "label": y} for q, y in zip(QUESTIONS, labels)]
+    path = tmp_path / "held.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return load_config(None, ["run.stages=[]", "sft.eval_files=[]",
+                              f"eval.prompt_files=[{{path: {path}}}]", "eval.max_new_tokens=4",
+                              *extra]), path
+
+
+def test_accuracy_fixed_and_broken_counts_on_real_checkpoints(tmp_path, tiny_dir, tiny_size):
+    # Reference answers that model A gives greedily on half the questions: A scores 0.5.
+    other = ensure_tiny_model(tmp_path / "other", seed=1, **tiny_size)
+    chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    mine = greedy_answers(str(tiny_dir), chats, max_new_tokens=4)
+    theirs = greedy_answers(str(other), chats, max_new_tokens=4)
+    labels = [a.strip() if i % 2 == 0 else "never" for i, a in enumerate(mine)]
+    cfg, _ = _cfg(tmp_path, labels, "eval.samples=4", "eval.temperature=0.001")
+    out = evaluate_policies(cfg, {"a": str(tiny_dir), "b": str(other)}, "a", ["b"])
+    assert out["eval/num_prompts"] == 6
+    assert out["eval/a_accuracy"] == 0.5
+    b_right = [t.strip() == y for t, y in zip(theirs, labels)]
+    assert out["eval/b_accuracy"] == round(sum(b_right) / 6, 4)
+    assert out["eval/b_vs_a_fixed"] == 0
+    assert out["eval/b_vs_a_broken"] == 3 - sum(b_right)
+    # Near-zero temperature: sampling picks the greedy answer.
+    assert out["eval/a_sampled_accuracy"] == 0.5
+    assert 0.0 <= out["eval/b_vs_a_greedy_p"] <= 1.0 and 0.0 <= out["eval/b_vs_a_sampled_p"] <= 1.0
+    # At temperature 1 a random model rarely repeats its greedy answer 4 times out of 4.
+    cfg, _ = _cfg(tmp_path, labels, "eval.samples=4", "eval.temperature=1.0")
+    hot = evaluate_policies(cfg, {"a": str(tiny_dir)}, "a", [])
+    assert hot["eval/a_sampled_accuracy"] < 0.5
+
+
+def test_an_eval_prompt_without_a_label_is_named(tmp_path, tiny_dir):
+    cfg, path = _cfg(tmp_path, ["3", None, "34", "82", "24", "9"])
+    with pytest.raises(DataError, match=rf"{path}: record 2: no 'label'"):
+        evaluate_policies(cfg, {"a": str(tiny_dir)}, "a", [])
+
+
+def test_rlhf_eval_command(tmp_path, tiny_dir):
+    cfg_path = tmp_path / "c.yaml"
+    _, held = _cfg(tmp_path, ["3"] * 6)
+    cfg_path.write_text(f"run: {{stages: []}}\nsft: {{eval_files: []}}\n"
+                        f"eval: {{prompt_files: [{{path: {held}}}], samples: 2, max_new_tokens: 3}}\n")
+    cmd = [sys.executable, "-m", "rlhf.cli", "eval", str(cfg_path)]
+    ok = subprocess.run([*cmd, "--model", f"x={tiny_dir}", "--model", f"y={tiny_dir}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    out = json.loads(ok.stdout)
+    assert out["eval/x_accuracy"] == out["eval/y_accuracy"]
+    assert (out["eval/y_vs_x_fixed"], out["eval/y_vs_x_broken"], out["eval/y_vs_x_greedy_p"]) == (0, 0, 1.0)
+    bad = subprocess.run([*cmd, "--model", f"x={tmp_path}"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2
+    assert f"error: --model 'x={tmp_path}': {tmp_path} is not a saved model" in bad.stderr
