@@ -57,7 +57,11 @@ def test_ppo_two_engines_data_parallel_colocated(tmp_path, tiny_dir, ray_cluster
     try:
         before = _weights(run)
         m1 = run.step(0)
+        # Step 2 with dynamic sampling: the reward model's scores of a group always differ.
+        run.rl = run.rl.model_copy(update={"filter_groups": True})
         m2 = run.step(1)
+        assert (m2["filter/rounds"], m2["filter/padded_groups"]) == (1, 0)
+        assert m2["compute/reward_s"] > 0 and "filter/rounds" not in m1
         for m in (m1, m2):
             for key in ("timing/generate", "timing/reward", "timing/ref", "timing/logprobs",
                         "timing/values", "timing/advantages", "timing/train_critic",
