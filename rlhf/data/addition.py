@@ -5,8 +5,9 @@
 A question is `What is 23+45?` and the answer exactly `68`. The 10,000 (a, b) questions are
 shuffled once with the seed; the first 400 are held out (evaluation files) and never appear in a
 training file. Wrong answers for preference data are near misses (off by 1 or 10, digits swapped).
-The 4,000 RL prompts are questions no demonstration or preference file asks: the verifier has
-more to check than the demonstrations show.
+The RL prompts are every training question (9,600; about 6,800 of them asked by no demonstration):
+RL on the 4,000 no demonstration or preference file asks fitted those (greedy 89.5% -> 94.7%)
+more than it carried over to held-out questions (92.75% -> 93.75%).
 """
 
 from __future__ import annotations
@@ -78,8 +79,7 @@ def build(seed: int = 0) -> dict[str, list[dict]]:
          "responses": rng.sample([{"text": t, "rank": r + 1} for r, t in
                                   enumerate([str(a + b), *near_misses(a, b, rng)[:2]])], 3)}
         for a, b in (next(take) for _ in range(300))]
-    files["prompts"] = [{"prompt": question(a, b), "label": str(a + b)}
-                        for a, b in (next(take) for _ in range(4000))]
+    files["prompts"] = [{"prompt": question(a, b), "label": str(a + b)} for a, b in train]
     files["prompts_eval"] = [{"prompt": question(a, b), "label": str(a + b)}
                              for a, b in held[200:400]]
     return files

@@ -65,9 +65,10 @@ def test_the_pair_parser_reads_each_surface_form(text, pair):
     assert _pairs(text) == {pair}
 
 
-def test_the_rl_prompts_are_questions_no_demonstration_or_preference_asks():
-    prompts = _pairs_in(SAMPLES / "prompts.jsonl")
-    assert len(prompts) == 4000
-    asked = _pairs_in(*(SAMPLES / f"{n}.jsonl" for n in
-                        ("sft_io", "sft_instruction", "sft_messages", "pairwise", "ranked")))
-    assert not prompts & asked
+def test_the_rl_prompts_are_every_training_question_once():
+    rows = [json.loads(x) for x in (SAMPLES / "prompts.jsonl").read_text().splitlines()]
+    train, held = addition.split()
+    assert len(rows) == len(train) == 9600
+    assert _pairs_in(SAMPLES / "prompts.jsonl") == set(train)
+    assert all(r["label"] == str(sum(_pairs(r["prompt"]).pop())) for r in rows)
+    assert not set(train) & set(held)

@@ -24,7 +24,7 @@ SMALL = [
     "rl.prompts_per_step=4", "rl.samples_per_prompt=2", "rl.mini_batch_size=4",
     "rl.rollout.chunk_size=1", "rl.rollout.max_new_tokens=6", "rl.rollout.kv_cache_gb=0.05",
     "rl.eval_prompts=8", "rl.policy.lr=1e-3", "rl.policy.micro_batch_size=2",
-    "rl.critic.micro_batch_size=2",
+    "rl.critic.micro_batch_size=2", "rl.filter_groups=false",
 ]
 
 
