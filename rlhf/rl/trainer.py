@@ -228,7 +228,7 @@ class RLRun:
         rl = self.rl
         k, n = rl.prompts_per_step, rl.samples_per_prompt
         t["timing/generate"] = t["timing/reward"] = 0.0
-        self.generate_compute_s = reward_compute_s = 0.0
+        generate_s = reward_compute_s = 0.0  # engine-reported compute seconds
         rich: list[tuple] = []  # (prompt, samples, scores) of groups whose scores differ
         flat: list[tuple] = []  # and of the others
         seen: list[float] = []
@@ -241,7 +241,7 @@ class RLRun:
                 max_tokens=rl.rollout.max_new_tokens, temperature=rl.rollout.temperature,
                 top_p=rl.rollout.top_p,
                 seed=self.cfg.run.seed * 1_000_003 + step * 65_536 + r * k * n)
-            self.generate_compute_s += self.dispatcher.last_compute_s
+            generate_s += self.dispatcher.last_compute_s
             self.dispatcher.check_versions(samples, self.version)
             batch_ref = None
             if not rl.filter_groups or rl.reward.kind == "model":
@@ -253,7 +253,7 @@ class RLRun:
                 if isinstance(scores, ray.ObjectRef):
                     _wait([scores])
                 t["timing/reward"] += time.perf_counter() - t1
-                return prompts, samples, batch_ref, scores, {}
+                return prompts, samples, batch_ref, scores, {"compute/generate_s": generate_s}
             if isinstance(scores, ray.ObjectRef):
                 got = ray.get(scores)
                 reward_compute_s += got["compute_s"]
@@ -278,6 +278,7 @@ class RLRun:
             "filter/signal_frac": len(rich) / ((r + 1) * k),
             "filter/padded_groups": float(max(0, k - len(rich))),
             "reward/score_mean": sum(seen) / len(seen),
+            "compute/generate_s": generate_s,
         }
         if rl.reward.kind == "model":
             metrics["compute/reward_s"] = reward_compute_s
@@ -364,7 +365,6 @@ class RLRun:
         })
         metrics.update(t)
         metrics["timing/step"] = time.perf_counter() - t0
-        metrics["compute/generate_s"] = self.generate_compute_s
         metrics["compute/weight_reload_s"] = self.reload_s
         compute = sum(v for k, v in metrics.items() if k.startswith("compute/"))
         metrics["perf/model_compute_s"] = compute
