@@ -24,25 +24,38 @@ def exact_match(answer: str, label: str) -> bool:
     return answer.strip() == label.strip()
 
 
-def greedy_answers(model_dir: str, prompts: list[list[dict]], max_new_tokens: int,
-                   batch_size: int = 64) -> list[str]:
-    """Greedy continuations of chat prompts with transformers (left padding, stop at EOS)."""
+def policy_answers(model_dir: str, prompts: list[list[dict]], max_new_tokens: int,
+                   num_samples: int = 0, temperature: float = 1.0, seed: int = 0,
+                   batch_size: int = 32) -> tuple[list[str], list[list[str]]]:
+    """Greedy answers to chat prompts and `num_samples` sampled ones each (transformers, left
+    padding, stop at EOS): (greedy, sampled), the model loaded once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    answers: list[str] = []
-    with torch.no_grad():
+
+    def generate(**sampling) -> list[str]:
+        out: list[str] = []
         for i in range(0, len(texts), batch_size):
             enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True,
                       add_special_tokens=False)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, **sampling,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            new = out[:, enc["input_ids"].shape[1]:]
-            answers.extend(tok.batch_decode(new, skip_special_tokens=True))
-    return answers
+            out.extend(tok.batch_decode(ids[:, enc["input_ids"].shape[1]:],
+                                        skip_special_tokens=True))
+        return out
+
+    sampled: list[list[str]] = []
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        greedy = generate(do_sample=False)
+        if num_samples > 0:
+            torch.manual_seed(seed)
+            flat = generate(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                            num_return_sequences=num_samples)
+            sampled = [flat[j : j + num_samples] for j in range(0, len(flat), num_samples)]
+    return greedy, sampled
 
 
 def reward_scores(rm_dir: str, prompts: list[list[dict]], answers: list[str],
@@ -68,31 +81,6 @@ def win_rate(a: list[float], b: list[float]) -> float:
     """Share of items where a beats b, ties counting half."""
     wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b))
     return wins / max(1, len(a))
-
-
-def sampled_answers(model_dir: str, prompts: list[list[dict]], max_new_tokens: int,
-                    num_samples: int, temperature: float = 1.0, seed: int = 0,
-                    batch_size: int = 32) -> list[list[str]]:
-    """`num_samples` answers per chat prompt, sampled at `temperature` with transformers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    out: list[list[str]] = []
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for i in range(0, len(texts), batch_size):
-            enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True,
-                      add_special_tokens=False)
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True,
-                                 temperature=temperature, top_k=0, top_p=1.0,
-                                 num_return_sequences=num_samples,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            flat = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            out.extend(flat[j : j + num_samples] for j in range(0, len(flat), num_samples))
-    return out
 
 
 def mcnemar_p(a: list[bool], b: list[bool]) -> float:
@@ -151,12 +139,11 @@ def evaluate_policies(cfg: Config, policies: dict[str, str], baseline: str,
     results: dict[str, Any] = {"eval/num_prompts": len(prompts)}
     answers, correct, sampled = {}, {}, {}
     for name, path in policies.items():
-        answers[name] = greedy_answers(path, prompts, ev.max_new_tokens)
+        answers[name], got = policy_answers(path, prompts, ev.max_new_tokens, ev.samples,
+                                            ev.temperature, cfg.run.seed)
         correct[name] = [exact_match(a, y) for a, y in zip(answers[name], labels)]
         results[f"eval/{name}_accuracy"] = round(sum(correct[name]) / len(prompts), 4)
         if ev.samples > 0:
-            got = sampled_answers(path, prompts, ev.max_new_tokens, ev.samples, ev.temperature,
-                                  cfg.run.seed)
             sampled[name] = [sum(exact_match(a, y) for a in many) / ev.samples
                              for many, y in zip(got, labels)]
             results[f"eval/{name}_sampled_accuracy"] = round(sum(sampled[name]) / len(prompts), 4)

@@ -9,7 +9,7 @@ import pytest
 
 from rlhf.config import load_config
 from rlhf.data import DataError
-from rlhf.evaluate import evaluate_policies, greedy_answers, mcnemar_p, paired_p
+from rlhf.evaluate import evaluate_policies, mcnemar_p, paired_p, policy_answers
 from rlhf.models.factory import ensure_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,8 +46,8 @@ def test_accuracy_fixed_and_broken_counts_on_real_checkpoints(tmp_path, tiny_dir
     # Reference answers that model A gives greedily on half the questions: A scores 0.5.
     other = ensure_tiny_model(tmp_path / "other", seed=1, **tiny_size)
     chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    mine = greedy_answers(str(tiny_dir), chats, max_new_tokens=4)
-    theirs = greedy_answers(str(other), chats, max_new_tokens=4)
+    mine, _ = policy_answers(str(tiny_dir), chats, max_new_tokens=4)
+    theirs, _ = policy_answers(str(other), chats, max_new_tokens=4)
     labels = [a.strip() if i % 2 == 0 else "never" for i, a in enumerate(mine)]
     cfg, _ = _cfg(tmp_path, labels, "eval.samples=4", "eval.temperature=0.001")
     out = evaluate_policies(cfg, {"a": str(tiny_dir), "b": str(other)}, "a", ["b"])
