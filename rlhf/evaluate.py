@@ -88,11 +88,16 @@ def mcnemar_p(a: list[bool], b: list[bool]) -> float:
     exactly one of the two got right (1.0 when there are none)."""
     from scipy.stats import binomtest
 
-    only_b = sum(y and not x for x, y in zip(a, b))
-    only_a = sum(x and not y for x, y in zip(a, b))
-    if only_a + only_b == 0:
+    fixed, broken = flips(a, b)
+    if fixed + broken == 0:
         return 1.0
-    return float(binomtest(only_b, only_a + only_b, 0.5).pvalue)
+    return float(binomtest(fixed, fixed + broken, 0.5).pvalue)
+
+
+def flips(before: list[bool], after: list[bool]) -> tuple[int, int]:
+    """(items right only after, items right only before): questions fixed and broken."""
+    return (sum(y and not x for x, y in zip(before, after)),
+            sum(x and not y for x, y in zip(before, after)))
 
 
 def paired_p(a: list[float], b: list[float]) -> float:
@@ -147,22 +152,23 @@ def evaluate_policies(cfg: Config, policies: dict[str, str], baseline: str,
             sampled[name] = [sum(exact_match(a, y) for a in many) / ev.samples
                              for many, y in zip(got, labels)]
             results[f"eval/{name}_sampled_accuracy"] = round(sum(sampled[name]) / len(prompts), 4)
+    baseline_rm: list[float] | None = None  # the reward model scores the baseline once
     for name in compare:
         if name not in answers or baseline not in answers:
             continue
         a, b = correct[baseline], correct[name]
         key = f"eval/{name}_vs_{baseline}"
-        results[f"{key}_fixed"] = sum(y and not x for x, y in zip(a, b))
-        results[f"{key}_broken"] = sum(x and not y for x, y in zip(a, b))
+        results[f"{key}_fixed"], results[f"{key}_broken"] = flips(a, b)
         results[f"{key}_greedy_p"] = round(mcnemar_p(a, b), 4)
         results[f"{key}_win_rate_exact"] = round(win_rate([float(x) for x in b],
                                                           [float(x) for x in a]), 4)
         if sampled:
             results[f"{key}_sampled_p"] = float(f"{paired_p(sampled[baseline], sampled[name]):.3g}")
         if rm_dir:
+            if baseline_rm is None:
+                baseline_rm = reward_scores(rm_dir, prompts, answers[baseline])
             mine = reward_scores(rm_dir, prompts, answers[name])
-            theirs = reward_scores(rm_dir, prompts, answers[baseline])
-            results[f"{key}_win_rate_rm"] = round(win_rate(mine, theirs), 4)
+            results[f"{key}_win_rate_rm"] = round(win_rate(mine, baseline_rm), 4)
     return results
 
 
