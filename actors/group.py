@@ -33,7 +33,9 @@ def validate_resources(requests: dict[str, dict[str, float]], available: dict[st
         have = available.get(kind, 0.0)
         if need > have + 1e-9:
             parts = " + ".join(f"{role} {r.get(kind, 0.0):g}" for role, r in requests.items())
-            raise ResourceError(f"roles need {need:g} {kind} ({parts}) but the cluster has {have:g}")
+            raise ResourceError(
+                f"roles need {need:g} {kind} ({parts}) but the cluster has {have:g}"
+            )
 
 
 def free_port() -> int:
@@ -81,10 +83,15 @@ class ActorGroup:
                 num_cpus=cpus_per_actor if colocate_with is None else 0,
                 num_gpus=gpus_per_actor,
                 scheduling_strategy=self._strategy(rank),
-                runtime_env={"env_vars": {
-                    "RANK": str(rank), "WORLD_SIZE": str(num_actors), "LOCAL_RANK": str(rank),
-                    "MASTER_ADDR": master[0], "MASTER_PORT": str(master[1]),
-                }},
+                runtime_env={
+                    "env_vars": {
+                        "RANK": str(rank),
+                        "WORLD_SIZE": str(num_actors),
+                        "LOCAL_RANK": str(rank),
+                        "MASTER_ADDR": master[0],
+                        "MASTER_PORT": str(master[1]),
+                    }
+                },
             ).remote(**(actor_kwargs or {}))
             for rank in range(num_actors)
         ]

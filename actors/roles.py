@@ -34,10 +34,17 @@ class _Rank:
             torch.set_num_threads(max(1, int(round(role.cpus_per_actor))))
         if not dist.is_initialized():
             address = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-            dist.init_process_group("nccl" if self.on_gpu else "gloo", init_method=address,
-                                    rank=self.rank, world_size=self.world)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu \
+            dist.init_process_group(
+                "nccl" if self.on_gpu else "gloo",
+                init_method=address,
+                rank=self.rank,
+                world_size=self.world,
+            )
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if self.on_gpu
             else torch.device("cpu")
+        )
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -46,17 +53,29 @@ class _Rank:
         return self.rank
 
 
-def _engine(model: torch.nn.Module, role: TrainRoleConfig, rl: Any, total_steps: int,
-            on_gpu: bool, world: int) -> Any:
+def _engine(
+    model: torch.nn.Module,
+    role: TrainRoleConfig,
+    rl: Any,
+    total_steps: int,
+    on_gpu: bool,
+    world: int,
+) -> Any:
     from rlhf import engine as eng
 
     return eng.init_engine(
-        model, lr=role.lr, betas=tuple(role.betas), weight_decay=role.weight_decay,
-        warmup_steps=role.warmup_steps, max_steps=max(total_steps, role.warmup_steps + 1),
-        min_lr_ratio=role.min_lr_ratio, zero_stage=role.zero_stage,
+        model,
+        lr=role.lr,
+        betas=tuple(role.betas),
+        weight_decay=role.weight_decay,
+        warmup_steps=role.warmup_steps,
+        max_steps=max(total_steps, role.warmup_steps + 1),
+        min_lr_ratio=role.min_lr_ratio,
+        zero_stage=role.zero_stage,
         micro_batch_size=role.micro_batch_size,
         grad_accum_steps=rl.mini_batch_size // (role.micro_batch_size * world),
-        grad_clip=role.grad_clip, dtype=eng.precision_dtype(role.precision, on_gpu),
+        grad_clip=role.grad_clip,
+        dtype=eng.precision_dtype(role.precision, on_gpu),
     )
 
 
@@ -76,12 +95,18 @@ class PolicyActor(_Rank):
         from rlhf import engine as eng
 
         dtype = eng.precision_dtype(rl.policy.precision, self.on_gpu)
-        model = load_causal_lm(model_path, dtype=dtype,
-                               trust_remote_code=cfg.model.trust_remote_code)
+        model = load_causal_lm(
+            model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+        )
         lora = rl.policy.lora
         if lora.enabled:
-            model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                               target_modules=lora.target_modules)
+            model = apply_lora(
+                model,
+                r=lora.r,
+                alpha=lora.alpha,
+                dropout=lora.dropout,
+                target_modules=lora.target_modules,
+            )
         self.engine = _engine(model, rl.policy, rl, _optimizer_steps(rl), self.on_gpu, self.world)
         self.model_path = model_path
         self.version = 0
@@ -101,8 +126,9 @@ class PolicyActor(_Rank):
         t0 = time.perf_counter()
         self.engine.module.eval()
         mine = self._to_device(my_rows(batch, self.rank, self.world))
-        out = response_logprobs(self.engine.module, mine, self.rl.policy.micro_batch_size,
-                                self.rl.rollout.temperature)
+        out = response_logprobs(
+            self.engine.module, mine, self.rl.policy.micro_batch_size, self.rl.rollout.temperature
+        )
         return {"out": out.cpu(), "compute_s": time.perf_counter() - t0}
 
     def train(self, batch: dict, step: int) -> dict[str, float]:
@@ -110,8 +136,16 @@ class PolicyActor(_Rank):
 
         t0 = time.perf_counter()
         self.engine.module.train()
-        out = policy_update(self.engine, self._to_device(batch), self.rl, self.rl.policy,
-                            self.rank, self.world, step, self.ptx)
+        out = policy_update(
+            self.engine,
+            self._to_device(batch),
+            self.rl,
+            self.rl.policy,
+            self.rank,
+            self.world,
+            step,
+            self.ptx,
+        )
         self.version += 1
         out["compute/train_policy_s"] = time.perf_counter() - t0
         return out
@@ -127,8 +161,10 @@ class PolicyActor(_Rank):
         if hasattr(module, "peft_config"):
             if self.rank != 0:
                 return None
-            return {k: v.detach().cpu() for k, v in
-                    merge_lora(copy.deepcopy(module)).state_dict().items()}
+            return {
+                k: v.detach().cpu()
+                for k, v in merge_lora(copy.deepcopy(module)).state_dict().items()
+            }
         state = eng.full_state_dict(self.engine)
         return None if state is None else {k: v.detach().cpu() for k, v in state.items()}
 
@@ -140,13 +176,15 @@ class PolicyActor(_Rank):
         state = self.full_weights()
         return [None if state is None else ray.put(state)]
 
-    def init_weight_transfer(self, rollout_actors: list, master_address: str, master_port: int,
-                             world_size: int) -> None:
+    def init_weight_transfer(
+        self, rollout_actors: list, master_address: str, master_port: int, world_size: int
+    ) -> None:
         """GPU: open vLLM's NCCL weight-transfer channel to the engines (packed buckets)."""
         from actors.rollout import NCCLWeightSender
 
-        self.weight_sender = NCCLWeightSender(self.engine.module, rollout_actors, self.rank,
-                                              master_address, master_port, world_size)
+        self.weight_sender = NCCLWeightSender(
+            self.engine.module, rollout_actors, self.rank, master_address, master_port, world_size
+        )
 
     def send_weights(self) -> int:
         """GPU: broadcast the current weights to every engine over NCCL; every rank calls it."""
@@ -180,18 +218,21 @@ class ReferenceActor(_Rank):
         self.rl = cfg.rl
         self._setup(cfg.rl.reference)
         dtype = eng.precision_dtype(cfg.rl.reference.precision, self.on_gpu)
-        self.model = load_causal_lm(model_path, dtype=dtype,
-                                    trust_remote_code=cfg.model.trust_remote_code)
-        self.model = eng.init_frozen(self.model, cfg.rl.reference.zero_stage,
-                                     cfg.rl.reference.micro_batch_size, dtype)
+        self.model = load_causal_lm(
+            model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+        )
+        self.model = eng.init_frozen(
+            self.model, cfg.rl.reference.zero_stage, cfg.rl.reference.micro_batch_size, dtype
+        )
 
     def logprobs(self, batch: dict) -> dict:
         from rlhf.rl.worker import my_rows, response_logprobs
 
         t0 = time.perf_counter()
         mine = self._to_device(my_rows(batch, self.rank, self.world))
-        out = response_logprobs(self.model, mine, self.rl.reference.micro_batch_size,
-                                self.rl.rollout.temperature)
+        out = response_logprobs(
+            self.model, mine, self.rl.reference.micro_batch_size, self.rl.rollout.temperature
+        )
         return {"out": out.cpu(), "compute_s": time.perf_counter() - t0}
 
 
@@ -205,10 +246,12 @@ class RewardActor(_Rank):
         self.rl = cfg.rl
         self._setup(cfg.rl.reward_model)
         dtype = eng.precision_dtype(cfg.rl.reward_model.precision, self.on_gpu)
-        self.model = load_reward_model(model_path, dtype=dtype,
-                                       trust_remote_code=cfg.model.trust_remote_code)
-        self.model = eng.init_frozen(self.model, cfg.rl.reward_model.zero_stage,
-                                     cfg.rl.reward_model.micro_batch_size, dtype)
+        self.model = load_reward_model(
+            model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+        )
+        self.model = eng.init_frozen(
+            self.model, cfg.rl.reward_model.zero_stage, cfg.rl.reward_model.micro_batch_size, dtype
+        )
 
     def scores(self, batch: dict) -> dict:
         from rlhf.rl.worker import my_rows, sequence_scores
@@ -230,8 +273,12 @@ class CriticActor(_Rank):
         self._setup(rl.critic)
         torch.manual_seed(cfg.run.seed)
         dtype = eng.precision_dtype(rl.critic.precision, self.on_gpu)
-        model = load_critic(model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
-                            seed=cfg.run.seed)
+        model = load_critic(
+            model_path,
+            dtype=dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+            seed=cfg.run.seed,
+        )
         self.engine = _engine(model, rl.critic, rl, _optimizer_steps(rl), self.on_gpu, self.world)
 
     def values(self, batch: dict) -> dict:
@@ -248,11 +295,22 @@ class CriticActor(_Rank):
 
         t0 = time.perf_counter()
         self.engine.module.train()
-        out = critic_update(self.engine, self._to_device(batch), self.rl, self.rl.critic,
-                            self.rank, self.world, step)
+        out = critic_update(
+            self.engine,
+            self._to_device(batch),
+            self.rl,
+            self.rl.critic,
+            self.rank,
+            self.world,
+            step,
+        )
         out["compute/train_critic_s"] = time.perf_counter() - t0
         return out
 
 
-ROLE_ACTORS = {"policy": PolicyActor, "reference": ReferenceActor, "critic": CriticActor,
-               "reward_model": RewardActor}
+ROLE_ACTORS = {
+    "policy": PolicyActor,
+    "reference": ReferenceActor,
+    "critic": CriticActor,
+    "reward_model": RewardActor,
+}

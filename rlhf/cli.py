@@ -35,13 +35,22 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="YAML file of overrides, e.g. configs/tiny_cpu.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.lr=1e-4")
-    p = sub.add_parser("eval", help="score policies on the held-out prompts, each against the "
-                       "first")
-    p.add_argument("config", help="YAML file naming the held-out files (sft.eval_files, "
-                   "eval.prompt_files) and eval.* settings")
+    p = sub.add_parser(
+        "eval", help="score policies on the held-out prompts, each against the first"
+    )
+    p.add_argument(
+        "config",
+        help="YAML file naming the held-out files (sft.eval_files, "
+        "eval.prompt_files) and eval.* settings",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.samples=16")
-    p.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
-                   help="a policy checkpoint (HF folder); the first is the baseline")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="a policy checkpoint (HF folder); the first is the baseline",
+    )
     p.add_argument("--reward-model", metavar="PATH", help="also judge answers with this RM")
     args = parser.parse_args(argv)
     try:

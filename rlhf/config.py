@@ -120,7 +120,9 @@ class TrainStageConfig(Section):
     eval_files: list[DataFile] = Field(default_factory=list, description="Held-out data.")
     max_length: int = Field(256, ge=8, description="Longest tokenized sample.")
     overlong: Literal["truncate", "drop"] = Field("truncate", description="Over-length samples.")
-    on_error: Literal["fail", "skip"] = Field("fail", description="Bad records: stop, or skip+count.")
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="Bad records: stop, or skip+count."
+    )
     num_workers: int = Field(2, ge=1, description="Ray Train workers (data parallel ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); else CPU and gloo.")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker.")
@@ -180,7 +182,9 @@ class PretrainConfig(TrainStageConfig):
     @model_validator(mode="after")
     def _mix_matches_sources(self) -> PretrainConfig:
         if set(self.mix) != set(self.sources):
-            raise ValueError(f"mix keys {sorted(self.mix)} must equal sources {sorted(self.sources)}")
+            raise ValueError(
+                f"mix keys {sorted(self.mix)} must equal sources {sorted(self.sources)}"
+            )
         if self.mix and abs(sum(self.mix.values()) - 1.0) > 1e-6:
             raise ValueError(f"mix shares {self.mix} must sum to 1")
         if self.lora.enabled:
@@ -274,25 +278,29 @@ class RewardSourceConfig(Section):
 
 
 class RLConfig(Section):
-    algorithm: Literal["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp",
-                       "reinforce_pp_baseline"] = Field(
-        "ppo", description="ppo (critic + GAE) or a critic-free estimator."
-    )
+    algorithm: Literal[
+        "ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"
+    ] = Field("ppo", description="ppo (critic + GAE) or a critic-free estimator.")
     init_from: str | None = Field(None, description="Policy checkpoint; None: the SFT output.")
     prompt_files: list[DataFile] = Field(default_factory=list, description="Training prompts.")
     eval_prompt_files: list[DataFile] = Field(default_factory=list, description="Held-out prompts.")
-    on_error: Literal["fail", "skip"] = Field("fail", description="Bad records: stop, or skip+count.")
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="Bad records: stop, or skip+count."
+    )
     max_prompt_length: int = Field(128, ge=4, description="Longer prompts are an error.")
     max_steps: int = Field(20, ge=1, description="RL steps (generate -> update -> sync).")
     prompts_per_step: int = Field(32, ge=1, description="Prompts sampled per step.")
     samples_per_prompt: int = Field(4, ge=1, description="Responses per prompt (group size).")
     filter_groups: bool = Field(
-        False, description="Dynamic sampling (DAPO): train only on prompts whose samples' scores "
-        "differ, sampling more prompts until prompts_per_step such groups are found."
+        False,
+        description="Dynamic sampling (DAPO): train only on prompts whose samples' scores "
+        "differ, sampling more prompts until prompts_per_step such groups are found.",
     )
     filter_max_rounds: int = Field(
-        4, ge=1, description="filter_groups: most generation rounds per step; a batch still short "
-        "after them is filled with equal-score groups (counted in filter/padded_groups)."
+        4,
+        ge=1,
+        description="filter_groups: most generation rounds per step; a batch still short "
+        "after them is filled with equal-score groups (counted in filter/padded_groups).",
     )
     ppo_epochs: int = Field(1, ge=1, description="Passes over each step's experience.")
     mini_batch_size: int = Field(64, ge=1, description="Samples per optimizer step.")
@@ -311,8 +319,9 @@ class RLConfig(Section):
         None, description="Per-token KL estimate; None: k1 in the reward, k3 as a loss."
     )
     kl_in_reward: bool | None = Field(
-        None, description="KL in the reward, or (False) a loss term; None: a loss for grpo "
-        "(Shao et al. 2024), the reward for the rest."
+        None,
+        description="KL in the reward, or (False) a loss term; None: a loss for grpo "
+        "(Shao et al. 2024), the reward for the rest.",
     )
     kl_controller: Literal["fixed", "adaptive"] = Field("fixed", description="KL coefficient.")
     kl_target: float = Field(6.0, gt=0, description="Adaptive controller: target KL.")
@@ -322,13 +331,17 @@ class RLConfig(Section):
         None, gt=0, description="Weight tokens by min(pi_trainer/pi_rollout, cap)."
     )
     ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx: weight of the LM loss on ptx_files.")
-    ptx_files: list[DataFile] = Field(default_factory=list, description="PPO-ptx data (SFT formats).")
+    ptx_files: list[DataFile] = Field(
+        default_factory=list, description="PPO-ptx data (SFT formats)."
+    )
     ptx_batch_size: int = Field(8, ge=1, description="PPO-ptx rows per micro-batch.")
     eval_interval: int = Field(10, ge=1, description="Steps between held-out evaluations.")
     eval_prompts: int = Field(200, ge=1, description="Held-out prompts per evaluation.")
-    colocate: list[list[Literal["policy", "reference", "critic", "reward_model", "rollout"]]] = Field(
-        default_factory=list,
-        description="Roles sharing bundles, e.g. [[policy, reference], [critic, reward_model]].",
+    colocate: list[list[Literal["policy", "reference", "critic", "reward_model", "rollout"]]] = (
+        Field(
+            default_factory=list,
+            description="Roles sharing bundles, e.g. [[policy, reference], [critic, reward_model]].",
+        )
     )
     policy: TrainRoleConfig = Field(default_factory=TrainRoleConfig)
     critic: TrainRoleConfig = Field(default_factory=lambda: TrainRoleConfig(lr=5e-5))
@@ -340,8 +353,11 @@ class RLConfig(Section):
     @property
     def uses_nccl_sync(self) -> bool:
         if self.rollout.weight_sync == "auto":
-            return (self.rollout.gpus_per_engine > 0 and self.policy.gpus_per_actor > 0
-                    and not self.policy.lora.enabled)
+            return (
+                self.rollout.gpus_per_engine > 0
+                and self.policy.gpus_per_actor > 0
+                and not self.policy.lora.enabled
+            )
         return self.rollout.weight_sync == "nccl"
 
     @property
@@ -390,33 +406,43 @@ class RLConfig(Section):
                 )
         if self.algorithm == "rloo" and self.samples_per_prompt < 2:
             raise ValueError("algorithm='rloo' needs samples_per_prompt >= 2")
-        if self.algorithm in ("grpo", "dr_grpo", "reinforce_pp_baseline") \
-                and self.samples_per_prompt < 2:
+        if (
+            self.algorithm in ("grpo", "dr_grpo", "reinforce_pp_baseline")
+            and self.samples_per_prompt < 2
+        ):
             raise ValueError(
                 f"algorithm={self.algorithm!r} compares samples of a prompt: "
                 f"samples_per_prompt={self.samples_per_prompt} must be >= 2"
             )
         if self.filter_groups and self.samples_per_prompt < 2:
-            raise ValueError("filter_groups=true keeps prompts whose samples' scores differ: "
-                             f"samples_per_prompt={self.samples_per_prompt} must be >= 2")
+            raise ValueError(
+                "filter_groups=true keeps prompts whose samples' scores differ: "
+                f"samples_per_prompt={self.samples_per_prompt} must be >= 2"
+            )
         if self.algorithm == "grpo" and self.kl_in_reward and self.kl_coef > 0:
             # A group whose scores are equal would get advantages made of its KL differences
             # alone, divided by their (tiny) std: unit-sized noise instead of zero.
             raise ValueError(
                 "kl_in_reward=true with algorithm='grpo': GRPO divides by each group's reward "
                 "std, which turns the KL differences of an all-equal group into unit-sized "
-                "advantages; use kl_in_reward=false (the KL loss), or dr_grpo / rloo")
+                "advantages; use kl_in_reward=false (the KL loss), or dr_grpo / rloo"
+            )
         if self.reward.kind == "http" and not self.reward.url:
             raise ValueError("reward.kind='http' needs reward.url")
         if self.ptx_coef > 0 and not self.ptx_files:
             raise ValueError(f"ptx_coef={self.ptx_coef} needs ptx_files")
         if self.rollout.weight_sync == "nccl" and (
-                self.rollout.gpus_per_engine == 0 or self.policy.gpus_per_actor == 0):
-            raise ValueError("rollout.weight_sync='nccl' needs GPUs for the policy and the "
-                             "engines (gpus_per_actor, gpus_per_engine > 0)")
+            self.rollout.gpus_per_engine == 0 or self.policy.gpus_per_actor == 0
+        ):
+            raise ValueError(
+                "rollout.weight_sync='nccl' needs GPUs for the policy and the "
+                "engines (gpus_per_actor, gpus_per_engine > 0)"
+            )
         if self.rollout.weight_sync == "nccl" and self.policy.lora.enabled:
-            raise ValueError("rollout.weight_sync='nccl' sends parameters by name; with "
-                             "policy.lora.enabled use weight_sync='object_store' (merged weights)")
+            raise ValueError(
+                "rollout.weight_sync='nccl' sends parameters by name; with "
+                "policy.lora.enabled use weight_sync='object_store' (merged weights)"
+            )
         if self.policy.lora.enabled and self.policy.zero_stage == 3:
             raise ValueError("policy.lora.enabled=True with policy.zero_stage=3: use 0-2")
         needed, seen = set(self.roles()), set()
@@ -429,12 +455,16 @@ class RLConfig(Section):
                 seen.add(role)
             counts = {r: self._count(r) for r in group if r in needed}
             if len(set(counts.values())) > 1:
-                raise ValueError(f"colocate group {group}: colocated roles need the same number "
-                                 f"of actors, got {counts}")
+                raise ValueError(
+                    f"colocate group {group}: colocated roles need the same number "
+                    f"of actors, got {counts}"
+                )
             gpus = {r: self._gpus(r) for r in group if r in needed}
             if sum(gpus.values()) > 0 and (min(gpus.values()) == 0 or sum(gpus.values()) > 1):
-                raise ValueError(f"colocate group {group}: GPU shares {gpus} must all be > 0 and "
-                                 f"sum to at most 1")
+                raise ValueError(
+                    f"colocate group {group}: GPU shares {gpus} must all be > 0 and "
+                    f"sum to at most 1"
+                )
         return self
 
     def _count(self, role: str) -> int:
@@ -465,16 +495,22 @@ class RLConfig(Section):
 
 class EvalConfig(Section):
     prompt_files: list[DataFile] = Field(
-        default_factory=list, description="Held-out {prompt, label} files scored besides "
-        "sft.eval_files."
+        default_factory=list,
+        description="Held-out {prompt, label} files scored besides sft.eval_files.",
     )
-    num_prompts: int = Field(400, ge=1, description="Held-out prompts each policy answers (at most).")
+    num_prompts: int = Field(
+        400, ge=1, description="Held-out prompts each policy answers (at most)."
+    )
     max_new_tokens: int = Field(16, ge=1, description="Longest answer in evaluation.")
     samples: int = Field(
-        8, ge=0, description="Answers sampled per prompt for the sampled accuracy (the policy's "
-        "expected exact-match reward); 0: greedy only."
+        8,
+        ge=0,
+        description="Answers sampled per prompt for the sampled accuracy (the policy's "
+        "expected exact-match reward); 0: greedy only.",
     )
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the sampled answers.")
+    temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature of the sampled answers."
+    )
 
 
 class Config(Section):
@@ -499,10 +535,15 @@ class Config(Section):
             if stage == "rl":
                 if not self.rl.prompt_files:
                     raise ValueError("rl.prompt_files is empty: the stage has no prompts")
-                if (self.rl.reward.kind == "model" and not self.rl.reward.model_path
-                        and "rm" not in self.run.stages):
-                    raise ValueError("rl.reward.kind='model' needs run.stages to include rm, or "
-                                     "rl.reward.model_path")
+                if (
+                    self.rl.reward.kind == "model"
+                    and not self.rl.reward.model_path
+                    and "rm" not in self.run.stages
+                ):
+                    raise ValueError(
+                        "rl.reward.kind='model' needs run.stages to include rm, or "
+                        "rl.reward.model_path"
+                    )
             elif stage != "pretrain" and not getattr(self, stage).train_files:
                 raise ValueError(f"{stage}.train_files is empty: the stage has no data")
         return self

@@ -40,9 +40,14 @@ def base_model(cfg: Config) -> str:
     t = cfg.model.tiny
     path = cfg.run.dir.resolve() / "base"
     ensure_tiny_model(
-        path, hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads,
-        num_kv_heads=t.num_kv_heads, intermediate_size=t.intermediate_size,
-        max_position_embeddings=t.max_position_embeddings, seed=cfg.run.seed,
+        path,
+        hidden_size=t.hidden_size,
+        num_layers=t.num_layers,
+        num_heads=t.num_heads,
+        num_kv_heads=t.num_kv_heads,
+        intermediate_size=t.intermediate_size,
+        max_position_embeddings=t.max_position_embeddings,
+        seed=cfg.run.seed,
     )
     return str(path)
 
@@ -68,9 +73,12 @@ def run_pipeline(cfg: Config) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
     with timed(timings, "ray"):
-        init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus,
-                 object_store_memory_gb=cfg.ray.object_store_memory_gb,
-                 dashboard=cfg.ray.dashboard)
+        init_ray(
+            address=cfg.ray.address,
+            num_cpus=cfg.ray.num_cpus,
+            object_store_memory_gb=cfg.ray.object_store_memory_gb,
+            dashboard=cfg.ray.dashboard,
+        )
     with timed(timings, "base_model"):
         base = base_model(cfg)
     outputs: dict[str, str] = {}
@@ -101,8 +109,11 @@ def print_summary(summary: dict) -> None:
     for col in ("stage", "wall s", "key results"):
         table.add_column(col)
     for stage, info in summary["stages"].items():
-        shown = {k.split("/", 1)[1]: v for k, v in info["metrics"].items()
-                 if "eval" in k or k.endswith("/loss")}
+        shown = {
+            k.split("/", 1)[1]: v
+            for k, v in info["metrics"].items()
+            if "eval" in k or k.endswith("/loss")
+        }
         text = ", ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items()))
         table.add_row(stage, f"{info['wall_s']:.0f}", text)
     for name, value in summary["evaluation"].items():

@@ -98,8 +98,9 @@ def init_engine(
     return engine
 
 
-def init_frozen(model: torch.nn.Module, zero_stage: int, micro_batch_size: int,
-                dtype: torch.dtype) -> Any:
+def init_frozen(
+    model: torch.nn.Module, zero_stage: int, micro_batch_size: int, dtype: torch.dtype
+) -> Any:
     """A frozen model for inference (reference, reward model) on this rank.
 
     ZeRO-3 shards its parameters over the role's ranks through DeepSpeed (gathered layer by layer

@@ -24,9 +24,15 @@ def exact_match(answer: str, label: str) -> bool:
     return answer.strip() == label.strip()
 
 
-def policy_answers(model_dir: str, prompts: list[list[dict]], max_new_tokens: int,
-                   num_samples: int = 0, temperature: float = 1.0, seed: int = 0,
-                   batch_size: int = 32) -> tuple[list[str], list[list[str]]]:
+def policy_answers(
+    model_dir: str,
+    prompts: list[list[dict]],
+    max_new_tokens: int,
+    num_samples: int = 0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> tuple[list[str], list[list[str]]]:
     """Greedy answers to chat prompts and `num_samples` sampled ones each (transformers, left
     padding, stop at EOS): (greedy, sampled), the model loaded once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -34,17 +40,29 @@ def policy_answers(model_dir: str, prompts: list[list[dict]], max_new_tokens: in
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    texts = [
+        tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts
+    ]
 
     def generate(**sampling) -> list[str]:
         out: list[str] = []
         for i in range(0, len(texts), batch_size):
-            enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True,
-                      add_special_tokens=False)
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, **sampling,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            out.extend(tok.batch_decode(ids[:, enc["input_ids"].shape[1]:],
-                                        skip_special_tokens=True))
+            enc = tok(
+                texts[i : i + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            )
+            ids = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                **sampling,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+            out.extend(
+                tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            )
         return out
 
     sampled: list[list[str]] = []
@@ -52,27 +70,39 @@ def policy_answers(model_dir: str, prompts: list[list[dict]], max_new_tokens: in
         greedy = generate(do_sample=False)
         if num_samples > 0:
             torch.manual_seed(seed)
-            flat = generate(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                            num_return_sequences=num_samples)
+            flat = generate(
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                num_return_sequences=num_samples,
+            )
             sampled = [flat[j : j + num_samples] for j in range(0, len(flat), num_samples)]
     return greedy, sampled
 
 
-def reward_scores(rm_dir: str, prompts: list[list[dict]], answers: list[str],
-                  batch_size: int = 64) -> list[float]:
+def reward_scores(
+    rm_dir: str, prompts: list[list[dict]], answers: list[str], batch_size: int = 64
+) -> list[float]:
     from transformers import AutoTokenizer
 
     from rlhf.models.factory import load_reward_model, sequence_rewards
 
     tok = AutoTokenizer.from_pretrained(rm_dir)
     model = load_reward_model(rm_dir).eval()
-    texts = [tok.apply_chat_template([*p, {"role": "assistant", "content": a}], tokenize=False)
-             for p, a in zip(prompts, answers)]
+    texts = [
+        tok.apply_chat_template([*p, {"role": "assistant", "content": a}], tokenize=False)
+        for p, a in zip(prompts, answers)
+    ]
     scores: list[float] = []
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
-            enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True,
-                      add_special_tokens=False)
+            enc = tok(
+                texts[i : i + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            )
             scores.extend(sequence_rewards(model, enc["input_ids"], enc["attention_mask"]).tolist())
     return scores
 
@@ -96,8 +126,10 @@ def mcnemar_p(a: list[bool], b: list[bool]) -> float:
 
 def flips(before: list[bool], after: list[bool]) -> tuple[int, int]:
     """(items right only after, items right only before): questions fixed and broken."""
-    return (sum(y and not x for x, y in zip(before, after)),
-            sum(x and not y for x, y in zip(before, after)))
+    return (
+        sum(y and not x for x, y in zip(before, after)),
+        sum(x and not y for x, y in zip(before, after)),
+    )
 
 
 def paired_p(a: list[float], b: list[float]) -> float:
@@ -119,16 +151,23 @@ def load_scored_prompts(cfg: Config) -> tuple[list[list[dict]], list[str]]:
         items, _ = load_prompts([f])
         for i, (turns, label) in enumerate(items):
             if label is None:
-                raise DataError(f"{f.path}: record {i + 1}: no 'label': eval.prompt_files need "
-                                "the reference answer to score against")
+                raise DataError(
+                    f"{f.path}: record {i + 1}: no 'label': eval.prompt_files need "
+                    "the reference answer to score against"
+                )
             prompts.append(turns)
             labels.append(label)
     n = cfg.eval.num_prompts
     return prompts[:n], labels[:n]
 
 
-def evaluate_policies(cfg: Config, policies: dict[str, str], baseline: str,
-                      compare: list[str], rm_dir: str | None = None) -> dict[str, Any]:
+def evaluate_policies(
+    cfg: Config,
+    policies: dict[str, str],
+    baseline: str,
+    compare: list[str],
+    rm_dir: str | None = None,
+) -> dict[str, Any]:
     """Accuracy of every policy on the held-out prompts; each of `compare` against `baseline`.
 
     Per policy: greedy exact match (`eval/<name>_accuracy`) and, with eval.samples > 0, the mean
@@ -144,13 +183,15 @@ def evaluate_policies(cfg: Config, policies: dict[str, str], baseline: str,
     results: dict[str, Any] = {"eval/num_prompts": len(prompts)}
     answers, correct, sampled = {}, {}, {}
     for name, path in policies.items():
-        answers[name], got = policy_answers(path, prompts, ev.max_new_tokens, ev.samples,
-                                            ev.temperature, cfg.run.seed)
+        answers[name], got = policy_answers(
+            path, prompts, ev.max_new_tokens, ev.samples, ev.temperature, cfg.run.seed
+        )
         correct[name] = [exact_match(a, y) for a, y in zip(answers[name], labels)]
         results[f"eval/{name}_accuracy"] = round(sum(correct[name]) / len(prompts), 4)
         if ev.samples > 0:
-            sampled[name] = [sum(exact_match(a, y) for a in many) / ev.samples
-                             for many, y in zip(got, labels)]
+            sampled[name] = [
+                sum(exact_match(a, y) for a in many) / ev.samples for many, y in zip(got, labels)
+            ]
             results[f"eval/{name}_sampled_accuracy"] = round(sum(sampled[name]) / len(prompts), 4)
     baseline_rm: list[float] | None = None  # the reward model scores the baseline once
     for name in compare:
@@ -160,8 +201,9 @@ def evaluate_policies(cfg: Config, policies: dict[str, str], baseline: str,
         key = f"eval/{name}_vs_{baseline}"
         results[f"{key}_fixed"], results[f"{key}_broken"] = flips(a, b)
         results[f"{key}_greedy_p"] = round(mcnemar_p(a, b), 4)
-        results[f"{key}_win_rate_exact"] = round(win_rate([float(x) for x in b],
-                                                          [float(x) for x in a]), 4)
+        results[f"{key}_win_rate_exact"] = round(
+            win_rate([float(x) for x in b], [float(x) for x in a]), 4
+        )
         if sampled:
             results[f"{key}_sampled_p"] = float(f"{paired_p(sampled[baseline], sampled[name]):.3g}")
         if rm_dir:

@@ -26,8 +26,10 @@ def test_shipped_configs_include_the_embedded_default_and_a_gpu_model():
 
 
 def test_dotted_overrides_take_precedence_over_yaml_with_typed_values():
-    cfg = load_config(CONFIGS[0].parent / "tiny_cpu.yaml",
-                      ["sft.lr=1e-4", "run.stages=[sft,dpo]", "dpo.loss=ipo", "sft.lora.enabled=true"])
+    cfg = load_config(
+        CONFIGS[0].parent / "tiny_cpu.yaml",
+        ["sft.lr=1e-4", "run.stages=[sft,dpo]", "dpo.loss=ipo", "sft.lora.enabled=true"],
+    )
     assert cfg.sft.lr == pytest.approx(1e-4)
     assert cfg.run.stages == ["sft", "dpo"]
     assert cfg.dpo.loss == "ipo"
@@ -40,7 +42,9 @@ def test_unknown_key_is_rejected_with_the_closest_key_suggested():
 
 
 def test_wrong_type_names_the_key_the_value_and_the_expected_type():
-    with pytest.raises(ConfigError, match=r"sft\.max_steps = 'many': Input should be a valid integer"):
+    with pytest.raises(
+        ConfigError, match=r"sft\.max_steps = 'many': Input should be a valid integer"
+    ):
         load_config(None, ["sft.max_steps=many", "run.stages=[]"])
 
 
@@ -52,8 +56,11 @@ def test_a_quoted_number_in_yaml_is_not_silently_converted(tmp_path):
 
 
 def test_batch_sizes_that_do_not_divide_are_an_impossible_combination():
-    with pytest.raises(ConfigError, match=r"global_batch_size=30 must be a multiple of "
-                       r"micro_batch_size \* num_workers = 8 \* 2 = 16"):
+    with pytest.raises(
+        ConfigError,
+        match=r"global_batch_size=30 must be a multiple of "
+        r"micro_batch_size \* num_workers = 8 \* 2 = 16",
+    ):
         load_config(None, ["sft.global_batch_size=30", "run.stages=[]"])
 
 
@@ -99,23 +106,42 @@ def test_fingerprint_changes_with_any_setting():
 
 
 def test_derived_gradient_accumulation_steps():
-    cfg = load_config(None, ["run.stages=[]", "sft.global_batch_size=64",
-                             "sft.micro_batch_size=8", "sft.num_workers=2"])
+    cfg = load_config(
+        None,
+        [
+            "run.stages=[]",
+            "sft.global_batch_size=64",
+            "sft.micro_batch_size=8",
+            "sft.num_workers=2",
+        ],
+    )
     assert cfg.sft.grad_accum_steps == 4  # 64 / (8 * 2)
 
 
 def test_a_tiny_model_head_size_vllm_cannot_run_is_rejected():
     with pytest.raises(ConfigError, match=r"hidden_size/num_heads = 32/2 = 16"):
-        load_config(None, ["run.stages=[]", "model.tiny.hidden_size=32", "model.tiny.num_heads=2",
-                           "model.tiny.num_kv_heads=2"])
+        load_config(
+            None,
+            [
+                "run.stages=[]",
+                "model.tiny.hidden_size=32",
+                "model.tiny.num_heads=2",
+                "model.tiny.num_kv_heads=2",
+            ],
+        )
 
 
 def test_the_kl_goes_into_the_loss_for_grpo_and_the_reward_otherwise():
-    auto = {alg: load_config(None, ["run.stages=[]", f"rl.algorithm={alg}"]).rl
-            for alg in ("ppo", "grpo", "rloo", "reinforce_pp")}
+    auto = {
+        alg: load_config(None, ["run.stages=[]", f"rl.algorithm={alg}"]).rl
+        for alg in ("ppo", "grpo", "rloo", "reinforce_pp")
+    }
     assert [(alg, rl.kl_as_reward, rl.kl_estimate) for alg, rl in auto.items()] == [
-        ("ppo", True, "k1"), ("grpo", False, "k3"), ("rloo", True, "k1"),
-        ("reinforce_pp", True, "k1")]
+        ("ppo", True, "k1"),
+        ("grpo", False, "k3"),
+        ("rloo", True, "k1"),
+        ("reinforce_pp", True, "k1"),
+    ]
     chosen = load_config(None, ["run.stages=[]", "rl.kl_in_reward=false", "rl.kl_estimator=k2"])
     assert (chosen.rl.kl_as_reward, chosen.rl.kl_estimate) == (False, "k2")
 
@@ -124,11 +150,19 @@ def test_grpo_with_the_kl_in_its_reward_is_rejected_with_the_reason():
     with pytest.raises(ConfigError, match=r"kl_in_reward=true with algorithm='grpo'.*std"):
         load_config(None, ["run.stages=[]", "rl.algorithm=grpo", "rl.kl_in_reward=true"])
     # Without a KL penalty there is nothing to amplify.
-    load_config(None, ["run.stages=[]", "rl.algorithm=grpo", "rl.kl_in_reward=true",
-                       "rl.kl_coef=0"])
+    load_config(
+        None, ["run.stages=[]", "rl.algorithm=grpo", "rl.kl_in_reward=true", "rl.kl_coef=0"]
+    )
 
 
 def test_group_filtering_needs_groups():
     with pytest.raises(ConfigError, match=r"filter_groups=true .* samples_per_prompt=1 must be"):
-        load_config(None, ["run.stages=[]", "rl.filter_groups=true", "rl.samples_per_prompt=1",
-                           "rl.mini_batch_size=32"])
+        load_config(
+            None,
+            [
+                "run.stages=[]",
+                "rl.filter_groups=true",
+                "rl.samples_per_prompt=1",
+                "rl.mini_batch_size=32",
+            ],
+        )

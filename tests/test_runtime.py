@@ -79,8 +79,13 @@ print(json.dumps({"state_api": isinstance(actors, list), "sockets": listening_so
 @pytest.mark.ray
 def test_embedded_ray_with_dashboard_serves_the_state_api_on_loopback_only():
     """The driver's default (`ray.dashboard: true`): dashboard and agents bind loopback too."""
-    out = subprocess.run([sys.executable, "-c", _DASHBOARD_PROBE], capture_output=True,
-                         text=True, timeout=240, env={**os.environ, "RAY_ADDRESS": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", _DASHBOARD_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["state_api"]

@@ -13,8 +13,13 @@ import torch
 from rlhf.algorithms.masking import masked_whiten
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float,
-        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    response_mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016, eq. 16).
 
     delta_t = r_t + gamma V_{t+1} - V_t (V = 0 after the last response token),
@@ -37,8 +42,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor
     return adv, (adv + values) * m
 
 
-def discounted_returns(rewards: torch.Tensor, response_mask: torch.Tensor,
-                       gamma: float) -> torch.Tensor:
+def discounted_returns(
+    rewards: torch.Tensor, response_mask: torch.Tensor, gamma: float
+) -> torch.Tensor:
     """G_t = sum_k gamma^k r_{t+k} over the response tokens: (B, T) -> (B, T)."""
     m = response_mask.to(rewards.dtype)
     out = torch.zeros_like(rewards)
@@ -59,8 +65,9 @@ def _broadcast(per_sample: torch.Tensor, response_mask: torch.Tensor) -> torch.T
     return per_sample.unsqueeze(-1) * response_mask.to(per_sample.dtype)
 
 
-def grpo_advantages(scores: torch.Tensor, response_mask: torch.Tensor, group_size: int,
-                    eps: float = 1e-6) -> torch.Tensor:
+def grpo_advantages(
+    scores: torch.Tensor, response_mask: torch.Tensor, group_size: int, eps: float = 1e-6
+) -> torch.Tensor:
     """GRPO (Shao et al. 2024, eq. 3 outcome supervision): (r - mean_g) / (std_g + eps).
 
     A group whose rewards are all equal gets zero advantage (std 0 -> numerator 0).
@@ -71,15 +78,17 @@ def grpo_advantages(scores: torch.Tensor, response_mask: torch.Tensor, group_siz
     return _broadcast(adv.reshape(-1), response_mask)
 
 
-def dr_grpo_advantages(scores: torch.Tensor, response_mask: torch.Tensor,
-                       group_size: int) -> torch.Tensor:
+def dr_grpo_advantages(
+    scores: torch.Tensor, response_mask: torch.Tensor, group_size: int
+) -> torch.Tensor:
     """Dr. GRPO (Liu et al. 2025): r - mean_g, no std division (removes the difficulty bias)."""
     g = _groups(scores, group_size)
     return _broadcast((g - g.mean(-1, keepdim=True)).reshape(-1), response_mask)
 
 
-def rloo_advantages(scores: torch.Tensor, response_mask: torch.Tensor,
-                    group_size: int) -> torch.Tensor:
+def rloo_advantages(
+    scores: torch.Tensor, response_mask: torch.Tensor, group_size: int
+) -> torch.Tensor:
     """RLOO (Ahmadian et al. 2024): r_i - mean of the other n-1 rewards of the group."""
     if group_size < 2:
         raise ValueError("RLOO needs group_size >= 2 (a leave-one-out baseline)")
@@ -88,14 +97,16 @@ def rloo_advantages(scores: torch.Tensor, response_mask: torch.Tensor,
     return _broadcast((g - baseline).reshape(-1), response_mask)
 
 
-def reinforce_pp_advantages(scores: torch.Tensor, response_mask: torch.Tensor,
-                            group_size: int) -> torch.Tensor:
+def reinforce_pp_advantages(
+    scores: torch.Tensor, response_mask: torch.Tensor, group_size: int
+) -> torch.Tensor:
     """REINFORCE++ (Hu 2025): the return (score at every token) whitened over the whole batch."""
     return masked_whiten(_broadcast(scores, response_mask), response_mask)
 
 
-def reinforce_pp_baseline_advantages(scores: torch.Tensor, response_mask: torch.Tensor,
-                                     group_size: int) -> torch.Tensor:
+def reinforce_pp_baseline_advantages(
+    scores: torch.Tensor, response_mask: torch.Tensor, group_size: int
+) -> torch.Tensor:
     """REINFORCE++-baseline (Hu 2025): subtract the group mean, then whiten over the batch."""
     g = _groups(scores, group_size)
     centred = (g - g.mean(-1, keepdim=True)).reshape(-1)

@@ -33,8 +33,9 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 
 
-def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor,
-                         kl_coef: float) -> torch.Tensor:
+def kl_penalized_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
     """Per-token rewards with the KL penalty inside (Ziegler et al. 2019; Ouyang et al. 2022).
 
     scores: (B,) sequence reward; kl: (B, T) per-token estimate; response_mask: (B, T), right
@@ -49,9 +50,15 @@ def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: 
     return rewards.scatter_add(1, last.unsqueeze(1), bonus.unsqueeze(1))
 
 
-def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor,
-            kl_coef: float, estimator: str = "k3", mode: str = "token_mean",
-            normaliser: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def kl_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    kl_coef: float,
+    estimator: str = "k3",
+    mode: str = "token_mean",
+    normaliser: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """KL as a loss term (GRPO, Shao et al. 2024): kl_coef * aggregate(k(logprobs, ref)).
 
     logprobs (with grad), ref_logprobs, response_mask: (B, T).

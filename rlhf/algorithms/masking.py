@@ -19,8 +19,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return masked_sum(x, mask, dim) / count.clamp(min=1.0)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
     """(x - mean) / std over the masked entries (unbiased variance); masked-out entries -> 0."""
     m = mask.to(x.dtype)
     n = m.sum()
@@ -32,8 +33,12 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     return out * m
 
 
-def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean",
-                   normaliser: float | None = None) -> torch.Tensor:
+def aggregate_loss(
+    loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token_mean",
+    normaliser: float | None = None,
+) -> torch.Tensor:
     """Reduce a per-token loss (B, T) to a scalar.
 
     token_mean: sum over all tokens / token count (or `normaliser`, the global token count, so

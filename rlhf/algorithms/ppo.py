@@ -52,8 +52,11 @@ def ppo_policy_loss(
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), response_mask)
         approx_kl = masked_mean(torch.exp(-log_ratio) - 1 + log_ratio, response_mask)
-        metrics = {"ppo/clipfrac": clipfrac.item(), "ppo/approx_kl": approx_kl.item(),
-                   "ppo/ratio_mean": masked_mean(ratio, response_mask).item()}
+        metrics = {
+            "ppo/clipfrac": clipfrac.item(),
+            "ppo/approx_kl": approx_kl.item(),
+            "ppo/ratio_mean": masked_mean(ratio, response_mask).item(),
+        }
     return loss, metrics
 
 
@@ -85,16 +88,21 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def entropy_bonus(logits: torch.Tensor, response_mask: torch.Tensor, coef: float
-                  ) -> tuple[torch.Tensor, dict[str, float]]:
+def entropy_bonus(
+    logits: torch.Tensor, response_mask: torch.Tensor, coef: float
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss term -coef * mean entropy (adding it to a loss rewards exploration)."""
     ent = masked_mean(entropy_from_logits(logits), response_mask)
     return -coef * ent, {"ppo/entropy": ent.item()}
 
 
-def ppo_ptx_loss(pg_loss: torch.Tensor, ptx_logprobs: torch.Tensor, ptx_mask: torch.Tensor,
-                 ptx_coef: float, normaliser: float | None = None
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
+def ppo_ptx_loss(
+    pg_loss: torch.Tensor,
+    ptx_logprobs: torch.Tensor,
+    ptx_mask: torch.Tensor,
+    ptx_coef: float,
+    normaliser: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-ptx (Ouyang et al. 2022, eq. 2): maximise E[r - beta log(pi/pi_ref)] + gamma
     E_pretrain[log pi]. As a loss: pg_loss + ptx_coef * (-mean log pi over pretraining tokens).
 
@@ -105,9 +113,12 @@ def ppo_ptx_loss(pg_loss: torch.Tensor, ptx_logprobs: torch.Tensor, ptx_mask: to
     return total, {"ppo/ptx_loss": ptx_nll.item(), "ppo/total_loss": total.item()}
 
 
-def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,
-                         response_mask: torch.Tensor, cap: float = 2.0
-                         ) -> tuple[torch.Tensor, dict[str, float]]:
+def truncated_is_weights(
+    old_logprobs: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    cap: float = 2.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Truncated importance weights min(pi_trainer / pi_rollout, cap) per token (Yao et al. 2025,
     "Your efficient RL framework secretly brings you off-policy RL training").
 
@@ -122,7 +133,8 @@ def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Ten
         metrics = {
             "rollout/logprob_gap": masked_mean(gap.abs(), response_mask).item(),
             "rollout/logprob_gap_max": abs_gap.max().item() if abs_gap.numel() else 0.0,
-            "rollout/is_clamped_frac": masked_mean((torch.exp(gap) > cap).float(),
-                                                   response_mask).item(),
+            "rollout/is_clamped_frac": masked_mean(
+                (torch.exp(gap) > cap).float(), response_mask
+            ).item(),
         }
     return weights, metrics

@@ -82,10 +82,12 @@ def dpo_loss(
     (cDPO: Mitchell 2023, label noise e). nll_coef adds -nll_coef * log pi(y_w) / |y_w|
     (RPO, Pang et al. 2024).
     """
-    h, chosen_ratio, rejected_ratio = _logits(policy_chosen, policy_rejected, ref_chosen,
-                                              ref_rejected)
-    per_pair = (-(1 - label_smoothing) * F.logsigmoid(beta * h)
-                - label_smoothing * F.logsigmoid(-beta * h))
+    h, chosen_ratio, rejected_ratio = _logits(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected
+    )
+    per_pair = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(
+        -beta * h
+    )
     per_pair = per_pair + _nll_term(policy_chosen, chosen_lengths, nll_coef)
     return _reduce(per_pair, reduction), _preference_metrics(beta, chosen_ratio, rejected_ratio)
 
@@ -107,8 +109,9 @@ def ipo_loss(
     """
     if label_smoothing:
         raise ValueError(f"label_smoothing={label_smoothing}: IPO takes none")
-    h, chosen_ratio, rejected_ratio = _logits(policy_chosen, policy_rejected, ref_chosen,
-                                              ref_rejected)
+    h, chosen_ratio, rejected_ratio = _logits(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected
+    )
     per_pair = (h - 1 / (2 * beta)) ** 2 + _nll_term(policy_chosen, chosen_lengths, nll_coef)
     return _reduce(per_pair, reduction), _preference_metrics(beta, chosen_ratio, rejected_ratio)
 

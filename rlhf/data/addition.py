@@ -48,40 +48,70 @@ def build(seed: int = 0) -> dict[str, list[dict]]:
     rng = random.Random(seed + 1)
     take = iter(train * 3)
     files: dict[str, list[dict]] = {}
-    files["sft_io"] = [{"input": question(a, b), "output": str(a + b)}
-                       for a, b in (next(take) for _ in range(2000))]
+    files["sft_io"] = [
+        {"input": question(a, b), "output": str(a + b)}
+        for a, b in (next(take) for _ in range(2000))
+    ]
     files["sft_instruction"] = [
-        {"instruction": "Add the two numbers and answer with the sum only.",
-         "input": f"{a}+{b}", "output": str(a + b)} for a, b in (next(take) for _ in range(200))]
+        {
+            "instruction": "Add the two numbers and answer with the sum only.",
+            "input": f"{a}+{b}",
+            "output": str(a + b),
+        }
+        for a, b in (next(take) for _ in range(200))
+    ]
     chats = []
     for _ in range(300):
         (a, b), (c, d) = next(take), next(take)
-        turns = [{"role": "system", "content": "You answer with a number."}] if rng.random() < 0.5 else []
-        turns += [{"role": "user", "content": question(a, b)},
-                  {"role": "assistant", "content": str(a + b)},
-                  {"role": "user", "content": question(c, d)},
-                  {"role": "assistant", "content": str(c + d)}]
+        turns = (
+            [{"role": "system", "content": "You answer with a number."}]
+            if rng.random() < 0.5
+            else []
+        )
+        turns += [
+            {"role": "user", "content": question(a, b)},
+            {"role": "assistant", "content": str(a + b)},
+            {"role": "user", "content": question(c, d)},
+            {"role": "assistant", "content": str(c + d)},
+        ]
         chats.append({"messages": turns})
     files["sft_messages"] = chats
     files["sft_eval"] = [{"input": question(a, b), "output": str(a + b)} for a, b in held[:200]]
     # Any near miss, not only the nearest: an off-by-one answer differs in the units digit, an
     # off-by-ten one in the tens digit, and a reward model should learn both kinds of error.
     files["pairwise"] = [
-        {"prompt": question(a, b), "chosen": str(a + b),
-         "rejected": rng.choice(near_misses(a, b, rng))}
-        for a, b in (next(take) for _ in range(2000))]
+        {
+            "prompt": question(a, b),
+            "chosen": str(a + b),
+            "rejected": rng.choice(near_misses(a, b, rng)),
+        }
+        for a, b in (next(take) for _ in range(2000))
+    ]
     files["pairwise_eval"] = [
-        {"prompt": question(a, b), "chosen": str(a + b),
-         "rejected": rng.choice(near_misses(a, b, rng))}
-        for a, b in held[:200]]
+        {
+            "prompt": question(a, b),
+            "chosen": str(a + b),
+            "rejected": rng.choice(near_misses(a, b, rng)),
+        }
+        for a, b in held[:200]
+    ]
     files["ranked"] = [
-        {"prompt": question(a, b),
-         "responses": rng.sample([{"text": t, "rank": r + 1} for r, t in
-                                  enumerate([str(a + b), *near_misses(a, b, rng)[:2]])], 3)}
-        for a, b in (next(take) for _ in range(300))]
+        {
+            "prompt": question(a, b),
+            "responses": rng.sample(
+                [
+                    {"text": t, "rank": r + 1}
+                    for r, t in enumerate([str(a + b), *near_misses(a, b, rng)[:2]])
+                ],
+                3,
+            ),
+        }
+        for a, b in (next(take) for _ in range(300))
+    ]
     files["prompts"] = [{"prompt": question(a, b), "label": str(a + b)} for a, b in train]
-    files["prompts_eval"] = [{"prompt": question(a, b), "label": str(a + b)}
-                             for a, b in held[200:400]]
+    files["prompts_eval"] = [
+        {"prompt": question(a, b), "label": str(a + b)} for a, b in held[200:400]
+    ]
     return files
 
 

@@ -62,8 +62,11 @@ def wrong_charset(text: str, max_share: float = 0.3) -> bool:
 
 
 PROSE_FILTERS: dict[str, Callable[[str], bool]] = {
-    "too_short": too_short, "too_long": too_long, "low_alnum": low_alnum,
-    "repeated_lines": repeated_lines, "repeated_bigram": repeated_bigram,
+    "too_short": too_short,
+    "too_long": too_long,
+    "low_alnum": low_alnum,
+    "repeated_lines": repeated_lines,
+    "repeated_bigram": repeated_bigram,
     "wrong_charset": wrong_charset,
 }
 CODE_FILTERS = {k: PROSE_FILTERS[k] for k in ("too_long", "repeated_lines")}
@@ -83,8 +86,9 @@ def exact_dedup(docs: list[str], seen: set[str]) -> tuple[list[str], int]:
     return kept, len(docs) - len(kept)
 
 
-def near_dedup(docs: list[str], lsh: Any, threshold: float, num_perm: int = 64,
-               shingle: int = 5, tag: str = "") -> tuple[list[str], int]:
+def near_dedup(
+    docs: list[str], lsh: Any, threshold: float, num_perm: int = 64, shingle: int = 5, tag: str = ""
+) -> tuple[list[str], int]:
     """Drop documents whose word-shingle MinHash matches an earlier one (Broder 1997; LSH)."""
     from datasketch import MinHash
 
@@ -107,15 +111,23 @@ def _read_texts(files: list, skips: Skips) -> list[str]:
         for rec in read_records(spec.path, skips):
             text = rec.data.get("text")
             if not isinstance(text, str):
-                skips.handle(DataError(f"{rec.where}: text: expected a string, got "
-                                       f"{type(text).__name__}"), "text: not a string")
+                skips.handle(
+                    DataError(f"{rec.where}: text: expected a string, got {type(text).__name__}"),
+                    "text: not a string",
+                )
                 continue
             texts.append(text)
     return texts
 
 
-def clean_source(name: str, docs: list[str], seen: set[str], lsh: Any, threshold: float,
-                 count_tokens: Callable[[str], int] = len) -> tuple[list[str], dict]:
+def clean_source(
+    name: str,
+    docs: list[str],
+    seen: set[str],
+    lsh: Any,
+    threshold: float,
+    count_tokens: Callable[[str], int] = len,
+) -> tuple[list[str], dict]:
     """Filters, then exact and near dedup (across all sources), with docs and tokens per step."""
     filters = CODE_FILTERS if name == "code" else PROSE_FILTERS
     removed: Counter = Counter()
@@ -128,18 +140,25 @@ def clean_source(name: str, docs: list[str], seen: set[str], lsh: Any, threshold
             removed_tokens[reason] += count_tokens(doc)
         else:
             kept.append(doc)
-    for step, fn in (("exact_duplicate", lambda d: exact_dedup(d, seen)),
-                     ("near_duplicate", lambda d: near_dedup(d, lsh, threshold, tag=f"{name}:"))):
+    for step, fn in (
+        ("exact_duplicate", lambda d: exact_dedup(d, seen)),
+        ("near_duplicate", lambda d: near_dedup(d, lsh, threshold, tag=f"{name}:")),
+    ):
         before = kept
         kept, removed[step] = fn(kept)
         removed_tokens[step] = sum(map(count_tokens, before)) - sum(map(count_tokens, kept))
-    return kept, {"docs_in": len(docs), "tokens_in": sum(map(count_tokens, docs)),
-                  "removed": dict(removed), "removed_tokens": dict(removed_tokens),
-                  "docs_kept": len(kept)}
+    return kept, {
+        "docs_in": len(docs),
+        "tokens_in": sum(map(count_tokens, docs)),
+        "removed": dict(removed),
+        "removed_tokens": dict(removed_tokens),
+        "docs_kept": len(kept),
+    }
 
 
-def mix_by_tokens(sources: dict[str, list[list[int]]], mix: dict[str, float], budget: int,
-                  seed: int) -> tuple[list[list[int]], dict]:
+def mix_by_tokens(
+    sources: dict[str, list[list[int]]], mix: dict[str, float], budget: int, seed: int
+) -> tuple[list[list[int]], dict]:
     """Take `mix[s] * budget` tokens from each source, cycling its shuffled docs if needed."""
     rng = random.Random(seed)
     out, report = [], {}
@@ -153,8 +172,7 @@ def mix_by_tokens(sources: dict[str, list[list[int]]], mix: dict[str, float], bu
             out.append(doc)
             got += len(doc) + 1
             used += 1
-        report[name] = {"docs": used, "tokens": got,
-                        "epochs": round(used / max(1, len(docs)), 2)}
+        report[name] = {"docs": used, "tokens": got, "epochs": round(used / max(1, len(docs)), 2)}
     rng.shuffle(out)
     total = sum(r["tokens"] for r in report.values())
     for r in report.values():
@@ -182,7 +200,11 @@ def build_pretraining_data(pcfg: Any, tokenizer_dir: str, seed: int = 0):
     tokenized = {}
     for name, files in sorted(pcfg.sources.items()):
         kept, rep = clean_source(
-            name, _read_texts(files, skips), seen, lsh, pcfg.near_dup_threshold,
+            name,
+            _read_texts(files, skips),
+            seen,
+            lsh,
+            pcfg.near_dup_threshold,
             lambda d: len(tok(d, add_special_tokens=False)["input_ids"]),
         )
         tokenized[name] = tok(kept, add_special_tokens=False)["input_ids"] if kept else []
@@ -191,14 +213,23 @@ def build_pretraining_data(pcfg: Any, tokenizer_dir: str, seed: int = 0):
     docs, report["mix"] = mix_by_tokens(tokenized, pcfg.mix, pcfg.token_budget, seed)
     blocks, report["packing_dropped_tokens"] = pack(docs, pcfg.max_length, tok.eos_token_id)
     if len(blocks) < 2:
-        raise DataError(f"pretraining data packs into {len(blocks)} block(s) of "
-                        f"{pcfg.max_length} tokens; raise pretrain.token_budget")
+        raise DataError(
+            f"pretraining data packs into {len(blocks)} block(s) of "
+            f"{pcfg.max_length} tokens; raise pretrain.token_budget"
+        )
     n_eval = max(1, len(blocks) // 20)
-    report.update(skips.report(), blocks_train=len(blocks) - n_eval, blocks_eval=n_eval,
-                  block_tokens=pcfg.max_length)
+    report.update(
+        skips.report(),
+        blocks_train=len(blocks) - n_eval,
+        blocks_eval=n_eval,
+        block_tokens=pcfg.max_length,
+    )
     as_rows = [{"input_ids": b} for b in blocks]
-    return (datasets.Dataset.from_list(as_rows[n_eval:]),
-            datasets.Dataset.from_list(as_rows[:n_eval]), report)
+    return (
+        datasets.Dataset.from_list(as_rows[n_eval:]),
+        datasets.Dataset.from_list(as_rows[:n_eval]),
+        report,
+    )
 
 
 def format_report(report: dict) -> str:
@@ -206,6 +237,11 @@ def format_report(report: dict) -> str:
     for name, r in report["sources"].items():
         why = ", ".join(f"{k}={v}" for k, v in r["removed"].items() if v)
         lines.append(f"{name:8} {r['docs_in']:7} {r['docs_kept']:5}  {why}")
-    lines.append("mix: " + ", ".join(f"{k} {v['share']:.0%} ({v['tokens']} tok, "
-                                     f"{v['epochs']} ep)" for k, v in report["mix"].items()))
+    lines.append(
+        "mix: "
+        + ", ".join(
+            f"{k} {v['share']:.0%} ({v['tokens']} tok, {v['epochs']} ep)"
+            for k, v in report["mix"].items()
+        )
+    )
     return "\n".join(lines)

@@ -26,14 +26,31 @@ HELD_OUT_PAIRS = frozenset(split()[1])
 NAMES = ["Ada", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jon"]
 PLACES = ["the market", "the library", "the park", "the station", "a small cafe", "the harbour"]
 THINGS = ["apples", "books", "tickets", "stamps", "marbles", "pencils", "shells", "coins"]
-TOPICS = ["gardening", "cycling", "baking bread", "learning a language", "saving money",
-          "walking in the hills", "repairing a bicycle", "keeping bees"]
-FIELDS = ["sparse attention", "reward modelling", "curriculum learning", "weight decay",
-          "data deduplication", "policy gradients", "tokenization", "model distillation"]
+TOPICS = [
+    "gardening",
+    "cycling",
+    "baking bread",
+    "learning a language",
+    "saving money",
+    "walking in the hills",
+    "repairing a bicycle",
+    "keeping bees",
+]
+FIELDS = [
+    "sparse attention",
+    "reward modelling",
+    "curriculum learning",
+    "weight decay",
+    "data deduplication",
+    "policy gradients",
+    "tokenization",
+    "model distillation",
+]
 
 
-def _pair(rng: random.Random, a_range: tuple[int, int], b_range: tuple[int, int]
-          ) -> tuple[int, int]:
+def _pair(
+    rng: random.Random, a_range: tuple[int, int], b_range: tuple[int, int]
+) -> tuple[int, int]:
     """Operands drawn from the ranges, never a pair held out by the demo task."""
     while True:
         a, b = rng.randint(*a_range), rng.randint(*b_range)
@@ -43,10 +60,15 @@ def _pair(rng: random.Random, a_range: tuple[int, int], b_range: tuple[int, int]
 
 def _arith(rng: random.Random) -> str:
     a, b = _pair(rng, (0, 99), (0, 99))
-    return rng.choice([
-        f"{a} plus {b} equals {a + b}.", f"What is {a}+{b}? {a + b}.", f"{a}+{b}={a + b}.",
-        f"If you add {a} and {b} you get {a + b}.", f"The sum of {a} and {b} is {a + b}.",
-    ])
+    return rng.choice(
+        [
+            f"{a} plus {b} equals {a + b}.",
+            f"What is {a}+{b}? {a + b}.",
+            f"{a}+{b}={a + b}.",
+            f"If you add {a} and {b} you get {a + b}.",
+            f"The sum of {a} and {b} is {a + b}.",
+        ]
+    )
 
 
 def web_doc(rng: random.Random) -> str:
@@ -59,8 +81,10 @@ def web_doc(rng: random.Random) -> str:
         f"Later {other} gave {name} {m} more, so {name} had {n + m} {thing} in total.",
         f"{name} has been interested in {topic} for {rng.randint(2, 12)} years.",
         f"Most weekends {name} spends a few hours on {topic} with {other}.",
-        _arith(rng), _arith(rng), _arith(rng),
-        f"\"It is easier than it looks,\" said {other}, \"if you practise every day.\"",
+        _arith(rng),
+        _arith(rng),
+        _arith(rng),
+        f'"It is easier than it looks," said {other}, "if you practise every day."',
     ]
     rng.shuffle(sentences)
     return " ".join(sentences[: rng.randint(4, len(sentences))])
@@ -74,7 +98,7 @@ def code_doc(rng: random.Random) -> str:
         "scale": f"def scale(xs, k={a}):\n    return [x * k for x in xs]\n",
         "clip": f"def clip(x, lo=0, hi={b}):\n    return max(lo, min(hi, x))\n",
         "mean_of": "def mean_of(xs):\n    if not xs:\n        return 0.0\n"
-                   "    return sum(xs) / len(xs)\n",
+        "    return sum(xs) / len(xs)\n",
         "count_if": f"def count_if(xs, limit={b}):\n    return sum(1 for x in xs if x > limit)\n",
         "add_pair": f"def add_pair(a, b):\n    # {a} + {b} == {a + b}\n    return a + b\n",
     }

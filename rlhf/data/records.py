@@ -37,7 +37,9 @@ def _parse_json(text: str, where: str) -> Any:
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: <json>: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        raise DataError(
+            f"{where}: <json>: invalid JSON ({exc.msg} at column {exc.colno})"
+        ) from None
     except ValueError as exc:
         raise DataError(f"{where}: <json>: {exc}") from None
 
@@ -124,5 +126,8 @@ class Skips:
             self.examples.append(str(error))
 
     def report(self) -> dict:
-        return {"skipped": sum(self.counts.values()), "skipped_by_reason": dict(self.counts),
-                "skipped_examples": self.examples}
+        return {
+            "skipped": sum(self.counts.values()),
+            "skipped_by_reason": dict(self.counts),
+            "skipped_examples": self.examples,
+        }

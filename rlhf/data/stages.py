@@ -28,8 +28,9 @@ from rlhf.data.formats import (
 from rlhf.data.records import DataError, Skips, read_records
 
 
-def load_items(files: list, allowed: tuple[str, ...], fmt: str, normalise, on_error: str,
-               seed: int) -> tuple[list, dict]:
+def load_items(
+    files: list, allowed: tuple[str, ...], fmt: str, normalise, on_error: str, seed: int
+) -> tuple[list, dict]:
     """Normalised items of every file, mixed by weight; report of counts and skips."""
     skips, items, per_file = Skips(on_error), [], {}
     rng = random.Random(seed)
@@ -62,8 +63,9 @@ def tokenize_chat(chat: list[dict], tok) -> tuple[list[int], list[int]]:
     for i, turn in enumerate(chat):
         if turn["role"] != "assistant":
             continue
-        start = _ids(tok, tok.apply_chat_template(chat[:i], tokenize=False,
-                                                  add_generation_prompt=True))
+        start = _ids(
+            tok, tok.apply_chat_template(chat[:i], tokenize=False, add_generation_prompt=True)
+        )
         end = _ids(tok, tok.apply_chat_template(chat[: i + 1], tokenize=False))
         if full[: len(end)] != end or end[: len(start)] != start:
             raise DataError("the tokenizer's chat template is not prefix-stable; cannot mask turns")
@@ -102,8 +104,14 @@ def _pair_rows(pairs: list, tok, max_length: int, overlong: str) -> tuple[list[d
             counts["dropped_overlong"] += 1
             continue
         counts["truncated" if max(len(s[0]) for s in sides) == max_length else "kept"] += 1
-        rows.append({"chosen_input_ids": sides[0][0], "chosen_labels": sides[0][1],
-                     "rejected_input_ids": sides[1][0], "rejected_labels": sides[1][1]})
+        rows.append(
+            {
+                "chosen_input_ids": sides[0][0],
+                "chosen_labels": sides[0][1],
+                "rejected_input_ids": sides[1][0],
+                "rejected_labels": sides[1][1],
+            }
+        )
     return rows, counts
 
 
@@ -125,8 +133,9 @@ def _prepare(scfg: Any, tokenizer_dir: str, seed: int, allowed, normalise, to_ro
 
 
 def prepare_sft(scfg: Any, tokenizer_dir: str, seed: int = 0):
-    return _prepare(scfg, tokenizer_dir, seed, SFT_FORMATS,
-                    lambda rec, fmt: [to_chat(rec, fmt)], _sft_rows)
+    return _prepare(
+        scfg, tokenizer_dir, seed, SFT_FORMATS, lambda rec, fmt: [to_chat(rec, fmt)], _sft_rows
+    )
 
 
 def prepare_preferences(scfg: Any, tokenizer_dir: str, seed: int = 0):
@@ -135,12 +144,14 @@ def prepare_preferences(scfg: Any, tokenizer_dir: str, seed: int = 0):
 
 def load_eval_prompts(scfg: Any) -> tuple[list[list[dict]], list[str]]:
     """Held-out SFT chats as (prompt turns, reference answer) for generation-based evaluation."""
-    chats, _ = load_items(scfg.eval_files, SFT_FORMATS, scfg.format,
-                          lambda rec, fmt: [to_chat(rec, fmt)], "fail", 0)
+    chats, _ = load_items(
+        scfg.eval_files, SFT_FORMATS, scfg.format, lambda rec, fmt: [to_chat(rec, fmt)], "fail", 0
+    )
     return [c[:-1] for c in chats], [c[-1]["content"] for c in chats]
 
 
 def load_prompts(files: list, on_error: str = "fail") -> tuple[list, dict]:
     """RL prompts: [(prompt turns, label or None)] and the read report."""
-    return load_items(files, ("prompts",), "prompts", lambda rec, fmt: [to_prompt(rec)],
-                      on_error, 0)
+    return load_items(
+        files, ("prompts",), "prompts", lambda rec, fmt: [to_prompt(rec)], on_error, 0
+    )

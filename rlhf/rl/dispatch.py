@@ -25,8 +25,17 @@ class RolloutDispatcher:
         self.served = [0] * len(engines)  # prompts each engine served, over the run
         self.last_compute_s = 0.0  # the busiest engine's generation seconds in the last call
 
-    def generate(self, prompts: list[list[int]], *, n: int, chunk_size: int, max_tokens: int,
-                 temperature: float, top_p: float = 1.0, seed: int | None = None) -> list:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        n: int,
+        chunk_size: int,
+        max_tokens: int,
+        temperature: float,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list:
         """`n` samples per prompt from whichever engines are free: len = len(prompts) * n."""
         queue = deque((s, prompts[s : s + chunk_size]) for s in range(0, len(prompts), chunk_size))
         inflight = [0] * len(self.engines)
@@ -38,8 +47,13 @@ class RolloutDispatcher:
                 engine = min(range(len(self.engines)), key=lambda i: (inflight[i], i))
                 start, chunk = queue.popleft()
                 ref = self.engines[engine].generate.remote(
-                    chunk, n, max_tokens, temperature, top_p,
-                    None if seed is None else seed + start * n)
+                    chunk,
+                    n,
+                    max_tokens,
+                    temperature,
+                    top_p,
+                    None if seed is None else seed + start * n,
+                )
                 pending[ref] = (engine, start)
                 inflight[engine] += 1
             done, _ = ray.wait(list(pending), num_returns=1)

@@ -31,8 +31,12 @@ from rlhf.algorithms import (
 )
 
 
-def build_batch(prompts: list[list[int]], responses: list[list[int]],
-                rollout_logprobs: list[list[float]], pad_id: int) -> dict[str, torch.Tensor]:
+def build_batch(
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    rollout_logprobs: list[list[float]],
+    pad_id: int,
+) -> dict[str, torch.Tensor]:
     """Pad prompts (left) and responses (right) into one batch of response-aligned tensors."""
     if not (len(prompts) == len(responses) == len(rollout_logprobs)):
         raise ValueError("prompts, responses and logprobs must have one row per sample")
@@ -51,9 +55,13 @@ def build_batch(prompts: list[list[int]], responses: list[list[int]],
             response_mask[i, : len(r)] = 1.0
             logprobs[i, : len(r)] = torch.tensor(lp, dtype=torch.float32)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "position_ids": position_ids, "response_mask": response_mask,
-            "rollout_logprobs": logprobs}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "response_mask": response_mask,
+        "rollout_logprobs": logprobs,
+    }
 
 
 def prompt_length(batch: dict[str, torch.Tensor]) -> int:
@@ -63,8 +71,10 @@ def prompt_length(batch: dict[str, torch.Tensor]) -> int:
 def slice_rows(batch: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
     """Rows [start, stop) of every row-indexed tensor (scalars and metadata are kept)."""
     rows = batch["input_ids"].shape[0]
-    return {k: (v[start:stop] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v)
-            for k, v in batch.items()}
+    return {
+        k: (v[start:stop] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v)
+        for k, v in batch.items()
+    }
 
 
 def rank_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -83,18 +93,31 @@ def concat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
 def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits that predict each response token: (B, R, V)."""
     P = prompt_length(batch)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], use_cache=False)
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    )
     return out.logits[:, P - 1 : -1]
 
 
 def response_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return batch["input_ids"][:, prompt_length(batch):]
+    return batch["input_ids"][:, prompt_length(batch) :]
 
 
-def compute_advantages(batch: dict[str, torch.Tensor], *, algorithm: str, group_size: int,
-                       kl_coef: float, kl_estimator: str, kl_in_reward: bool, gamma: float,
-                       lam: float, whiten: bool = True) -> tuple[dict, dict[str, float]]:
+def compute_advantages(
+    batch: dict[str, torch.Tensor],
+    *,
+    algorithm: str,
+    group_size: int,
+    kl_coef: float,
+    kl_estimator: str,
+    kl_in_reward: bool,
+    gamma: float,
+    lam: float,
+    whiten: bool = True,
+) -> tuple[dict, dict[str, float]]:
     """Add `advantages` and `returns` to the batch; return it with metrics.
 
     PPO (`algorithm="ppo"`): per-token rewards = score at the last token - kl_coef * KL when the KL
@@ -126,8 +149,9 @@ def compute_advantages(batch: dict[str, torch.Tensor], *, algorithm: str, group_
         advantages = GROUP_ADVANTAGES[algorithm](seq, mask, group_size)
         returns = advantages
     else:
-        raise ValueError(f"algorithm={algorithm!r}: expected 'ppo' or one of "
-                         f"{sorted(GROUP_ADVANTAGES)}")
+        raise ValueError(
+            f"algorithm={algorithm!r}: expected 'ppo' or one of {sorted(GROUP_ADVANTAGES)}"
+        )
     metrics["advantages/mean"] = masked_mean(advantages, mask).item()
     metrics["advantages/abs_mean"] = masked_mean(advantages.abs(), mask).item()
     return {**batch, "advantages": advantages, "returns": returns}, metrics
@@ -142,8 +166,10 @@ def minibatches(num_rows: int, mini_batch_size: int, epoch_seed: int) -> list[to
 
 def take_rows(batch: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
     rows = batch["input_ids"].shape[0]
-    return {k: (v[index] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v)
-            for k, v in batch.items()}
+    return {
+        k: (v[index] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v)
+        for k, v in batch.items()
+    }
 
 
 def groups_with_signal(scores: list[float], group_size: int, tol: float = 1e-6) -> list[bool]:

@@ -65,8 +65,10 @@ def load_rule(spec: str) -> RuleFn:
         return RULES[spec]
     module_name, sep, attr = spec.partition(":")
     if not sep:
-        raise RewardError(f"rl.reward.rule = {spec!r}: not a built-in rule {sorted(RULES)} and "
-                          "not of the form 'package.module:function'")
+        raise RewardError(
+            f"rl.reward.rule = {spec!r}: not a built-in rule {sorted(RULES)} and "
+            "not of the form 'package.module:function'"
+        )
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
@@ -76,8 +78,9 @@ def load_rule(spec: str) -> RuleFn:
     return fn
 
 
-def rule_rewards(rule: RuleFn, prompts: list[str], responses: list[str],
-                 labels: list[str | None]) -> list[float]:
+def rule_rewards(
+    rule: RuleFn, prompts: list[str], responses: list[str], labels: list[str | None]
+) -> list[float]:
     out = []
     for p, r, y in zip(prompts, responses, labels):
         value = float(rule(p, r, y))
@@ -87,11 +90,17 @@ def rule_rewards(rule: RuleFn, prompts: list[str], responses: list[str],
     return out
 
 
-def http_rewards(url: str, prompts: list[str], responses: list[str], labels: list[str | None],
-                 timeout_s: float = 30.0) -> list[float]:
+def http_rewards(
+    url: str,
+    prompts: list[str],
+    responses: list[str],
+    labels: list[str | None],
+    timeout_s: float = 30.0,
+) -> list[float]:
     body = json.dumps({"prompts": prompts, "responses": responses, "labels": labels}).encode()
-    request = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as reply:
             payload = reply.read()
@@ -103,16 +112,21 @@ def http_rewards(url: str, prompts: list[str], responses: list[str], labels: lis
     try:
         rewards = json.loads(payload)["rewards"]
     except (ValueError, KeyError, TypeError):
-        raise RewardError(f"reward endpoint {url}: expected JSON {{\"rewards\": [...]}}, got "
-                          f"{payload[:200]!r}") from None
+        raise RewardError(
+            f'reward endpoint {url}: expected JSON {{"rewards": [...]}}, got {payload[:200]!r}'
+        ) from None
     if not isinstance(rewards, list) or len(rewards) != len(prompts):
         got = len(rewards) if isinstance(rewards, list) else type(rewards).__name__
         raise RewardError(f"reward endpoint {url}: sent {len(prompts)} samples, got {got} rewards")
     out = []
     for i, value in enumerate(rewards):
-        if isinstance(value, bool) or not isinstance(value, int | float) \
-                or not math.isfinite(value):
-            raise RewardError(f"reward endpoint {url}: rewards[{i}] = {value!r} is not a finite "
-                              "number")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise RewardError(
+                f"reward endpoint {url}: rewards[{i}] = {value!r} is not a finite number"
+            )
         out.append(float(value))
     return out

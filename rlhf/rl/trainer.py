@@ -55,8 +55,15 @@ class AdvantageWorker:
     on a small machine, and re-importing torch cost ~2 s per step)."""
 
     @ray.method(num_returns=2)
-    def compute(self, batch: dict, scores: Any, ref_parts: list, old_parts: list,
-                value_parts: list, kwargs: dict) -> tuple[dict, dict]:
+    def compute(
+        self,
+        batch: dict,
+        scores: Any,
+        ref_parts: list,
+        old_parts: list,
+        value_parts: list,
+        kwargs: dict,
+    ) -> tuple[dict, dict]:
         """Returns (batch with advantages, metrics); only the metrics go to the driver."""
         return _advantages(batch, scores, ref_parts, old_parts, value_parts, kwargs)
 
@@ -64,12 +71,15 @@ class AdvantageWorker:
         from rlhf.rl.experience import concat_rows
 
         got = ray.get(parts)
-        return {"out": concat_rows([g["out"] for g in got]),
-                "compute_s": max(g["compute_s"] for g in got)}
+        return {
+            "out": concat_rows([g["out"] for g in got]),
+            "compute_s": max(g["compute_s"] for g in got),
+        }
 
 
-def _advantages(batch: dict, scores: Any, ref_parts: list, old_parts: list, value_parts: list,
-                kwargs: dict) -> tuple[dict, dict]:
+def _advantages(
+    batch: dict, scores: Any, ref_parts: list, old_parts: list, value_parts: list, kwargs: dict
+) -> tuple[dict, dict]:
     from rlhf.algorithms import truncated_is_weights
     from rlhf.rl.experience import compute_advantages, concat_rows
 
@@ -85,8 +95,9 @@ def _advantages(batch: dict, scores: Any, ref_parts: list, old_parts: list, valu
             batch[key] = concat_rows([g["out"] for g in got])
             compute[f"compute/{key}_s"] = max(g["compute_s"] for g in got)
     batch, metrics = compute_advantages(batch, **kwargs)
-    _, gap = truncated_is_weights(batch["old_logprobs"], batch["rollout_logprobs"],
-                                  batch["response_mask"])
+    _, gap = truncated_is_weights(
+        batch["old_logprobs"], batch["rollout_logprobs"], batch["response_mask"]
+    )
     metrics.update(gap)
     metrics.update(compute)
     return batch, metrics
@@ -95,8 +106,13 @@ def _advantages(batch: dict, scores: Any, ref_parts: list, old_parts: list, valu
 class RLRun:
     """Actors, data and state of one RL stage; `step()` is one checklist."""
 
-    def __init__(self, cfg: Config, policy_dir: str, reward_model_dir: str | None,
-                 critic_init_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        policy_dir: str,
+        reward_model_dir: str | None,
+        critic_init_dir: str | None = None,
+    ) -> None:
         from transformers import AutoTokenizer
 
         from rlhf.algorithms import KL_CONTROLLERS
@@ -118,10 +134,14 @@ class RLRun:
             except RewardError as exc:
                 raise RLStageError(str(exc)) from None
         rl = self.rl
-        self.kl = (KL_CONTROLLERS["fixed"](rl.kl_coef) if rl.kl_controller == "fixed"
-                   else KL_CONTROLLERS["adaptive"](rl.kl_coef, rl.kl_target, rl.kl_horizon))
-        self.groups = self._start_actors(policy_dir, reward_model_dir,
-                                         critic_init_dir or reward_model_dir or policy_dir)
+        self.kl = (
+            KL_CONTROLLERS["fixed"](rl.kl_coef)
+            if rl.kl_controller == "fixed"
+            else KL_CONTROLLERS["adaptive"](rl.kl_coef, rl.kl_target, rl.kl_horizon)
+        )
+        self.groups = self._start_actors(
+            policy_dir, reward_model_dir, critic_init_dir or reward_model_dir or policy_dir
+        )
         from rlhf.rl.dispatch import RolloutDispatcher
 
         self.dispatcher = RolloutDispatcher(self.groups["rollout"].actors)
@@ -150,7 +170,8 @@ class RLRun:
                 names = ", ".join(f.path for f in files)
                 raise RLStageError(
                     f"prompt {i} of {names} has {len(ids)} tokens > rl.max_prompt_length = "
-                    f"{self.rl.max_prompt_length}: raise it or shorten the prompt")
+                    f"{self.rl.max_prompt_length}: raise it or shorten the prompt"
+                )
             out.append((ids, label, turns[-1]["content"]))
         if not out:
             raise RLStageError(f"no prompts in {[f.path for f in files]}")
@@ -166,11 +187,18 @@ class RLRun:
             validate_resources(rl.resource_requests(), ray.available_resources())
         except ResourceError as exc:
             raise RLStageError(f"rl: {exc}") from None
-        paths = {"policy": policy_dir, "reference": policy_dir, "rollout": policy_dir,
-                 "critic": critic_dir, "reward_model": rm_dir}
+        paths = {
+            "policy": policy_dir,
+            "reference": policy_dir,
+            "rollout": policy_dir,
+            "critic": critic_dir,
+            "reward_model": rm_dir,
+        }
         if "reward_model" in rl.roles() and not rm_dir:
-            raise RLStageError("rl.reward.kind='model' but no reward model checkpoint: add 'rm' "
-                               "to run.stages or set rl.reward.model_path")
+            raise RLStageError(
+                "rl.reward.kind='model' but no reward model checkpoint: add 'rm' "
+                "to run.stages or set rl.reward.model_path"
+            )
         host = {r: g[0] for g in rl.colocate for r in g}
         groups: dict[str, ActorGroup] = {}
         order = sorted(rl.roles(), key=lambda r: (host.get(r, r) != r, r != "policy"))
@@ -182,9 +210,14 @@ class RLRun:
             first = next((r for r in [host.get(role, role)] if r in groups and r != role), None)
             cls = RolloutActor if role == "rollout" else ROLE_ACTORS[role]
             groups[role] = ActorGroup(
-                cls, role, count, cpus_per_actor=cpus, gpus_per_actor=gpus,
+                cls,
+                role,
+                count,
+                cpus_per_actor=cpus,
+                gpus_per_actor=gpus,
                 colocate_with=groups[first] if first else None,
-                actor_kwargs={"cfg": self.cfg, "model_path": paths[role]})
+                actor_kwargs={"cfg": self.cfg, "model_path": paths[role]},
+            )
         ray.get([a.__ray_ready__.remote() for g in groups.values() for a in g.actors])
         return groups
 
@@ -194,8 +227,9 @@ class RLRun:
         engines = self.groups["rollout"].actors
         address, port = ray.get(_master_address.remote())
         world = 1 + len(engines)
-        ray.get(self.groups["policy"].call_async("init_weight_transfer", engines, address, port,
-                                                 world))
+        ray.get(
+            self.groups["policy"].call_async("init_weight_transfer", engines, address, port, world)
+        )
 
     def shutdown(self) -> None:
         for group in self.groups.values():
@@ -237,10 +271,14 @@ class RLRun:
             t0 = time.perf_counter()
             prompts = self._next_prompts()
             samples = self.dispatcher.generate(
-                [p[0] for p in prompts], n=n, chunk_size=rl.rollout.chunk_size,
-                max_tokens=rl.rollout.max_new_tokens, temperature=rl.rollout.temperature,
+                [p[0] for p in prompts],
+                n=n,
+                chunk_size=rl.rollout.chunk_size,
+                max_tokens=rl.rollout.max_new_tokens,
+                temperature=rl.rollout.temperature,
                 top_p=rl.rollout.top_p,
-                seed=self.cfg.run.seed * 1_000_003 + step * 65_536 + r * k * n)
+                seed=self.cfg.run.seed * 1_000_003 + step * 65_536 + r * k * n,
+            )
             generate_s += self.dispatcher.last_compute_s
             self.dispatcher.check_versions(samples, self.version)
             batch_ref = None
@@ -268,8 +306,9 @@ class RLRun:
         groups = (rich + flat)[:k]
         t0 = time.perf_counter()
         prompts = [g[0] for g in groups]
-        samples = [dataclasses.replace(s, prompt_index=i) for i, g in enumerate(groups)
-                   for s in g[1]]
+        samples = [
+            dataclasses.replace(s, prompt_index=i) for i, g in enumerate(groups) for s in g[1]
+        ]
         scores = [x for g in groups for x in g[2]]
         batch_ref = self._batch_ref(prompts, samples)
         t["timing/generate"] += time.perf_counter() - t0
@@ -287,16 +326,22 @@ class RLRun:
     def _batch_ref(self, prompts: list, samples: list) -> ray.ObjectRef:
         from rlhf.rl.experience import build_batch
 
-        return ray.put(build_batch(
-            [prompts[s.prompt_index][0] for s in samples], [s.token_ids for s in samples],
-            [s.logprobs for s in samples], pad_id=self.tok.pad_token_id))
+        return ray.put(
+            build_batch(
+                [prompts[s.prompt_index][0] for s in samples],
+                [s.token_ids for s in samples],
+                [s.logprobs for s in samples],
+                pad_id=self.tok.pad_token_id,
+            )
+        )
 
     def _rewards(self, prompts: list, samples: list, batch_ref: Any) -> Any:
         """Scores (B,) as a list of floats, or an object ref to a tensor (reward model)."""
         rc = self.rl.reward
         if rc.kind == "model":
             return self.helper.concat.remote(
-                self.groups["reward_model"].call_async("scores", batch_ref))
+                self.groups["reward_model"].call_async("scores", batch_ref)
+            )
         texts = [self.tok.decode(s.token_ids, skip_special_tokens=True) for s in samples]
         questions = [prompts[s.prompt_index][2] for s in samples]
         labels = [prompts[s.prompt_index][1] for s in samples]
@@ -329,17 +374,29 @@ class RLRun:
                 value_parts = _wait(self.groups["critic"].call_async("values", batch_ref))
         with phase(t, "advantages"):
             adv_ref, metrics_ref = self.helper.compute.remote(
-                batch_ref, scores, ref_parts, old_parts, value_parts,
-                dict(algorithm=rl.algorithm, group_size=rl.samples_per_prompt,
-                     kl_coef=self.kl.value, kl_estimator=rl.kl_estimate,
-                     kl_in_reward=rl.kl_as_reward, gamma=rl.gamma, lam=rl.lam,
-                     whiten=rl.whiten_advantages))
+                batch_ref,
+                scores,
+                ref_parts,
+                old_parts,
+                value_parts,
+                dict(
+                    algorithm=rl.algorithm,
+                    group_size=rl.samples_per_prompt,
+                    kl_coef=self.kl.value,
+                    kl_estimator=rl.kl_estimate,
+                    kl_in_reward=rl.kl_as_reward,
+                    gamma=rl.gamma,
+                    lam=rl.lam,
+                    whiten=rl.whiten_advantages,
+                ),
+            )
             metrics = ray.get(metrics_ref)
         if metrics["rollout/logprob_gap"] > rl.rollout.max_logprob_gap:
             raise StaleEngineError(
                 f"step {step + 1}: mean |trainer - rollout| logprob gap "
                 f"{metrics['rollout/logprob_gap']:.4f} > rl.rollout.max_logprob_gap = "
-                f"{rl.rollout.max_logprob_gap}: the engines do not run the policy's weights")
+                f"{rl.rollout.max_logprob_gap}: the engines do not run the policy's weights"
+            )
         if rl.algorithm == "ppo":
             with phase(t, "train_critic"):
                 critic_metrics = ray.get(self.groups["critic"].call_async("train", adv_ref, step))
@@ -354,15 +411,17 @@ class RLRun:
             metrics["reward/trained_score_mean"] = metrics["reward/score_mean"]
         metrics.update(metrics_rollout)
         lengths = [len(s.token_ids) for s in samples]
-        metrics.update({
-            "kl/coef": self.kl.value,
-            "response/length_mean": sum(lengths) / len(lengths),
-            "response/length_max": float(max(lengths)),
-            "response/clipped_frac": sum(s.finish_reason == "length" for s in samples)
-            / len(samples),
-            "response/distinct_frac": len({tuple(s.token_ids) for s in samples}) / len(samples),
-            "policy/version": float(self.version),
-        })
+        metrics.update(
+            {
+                "kl/coef": self.kl.value,
+                "response/length_mean": sum(lengths) / len(lengths),
+                "response/length_max": float(max(lengths)),
+                "response/clipped_frac": sum(s.finish_reason == "length" for s in samples)
+                / len(samples),
+                "response/distinct_frac": len({tuple(s.token_ids) for s in samples}) / len(samples),
+                "policy/version": float(self.version),
+            }
+        )
         metrics.update(t)
         metrics["timing/step"] = time.perf_counter() - t0
         metrics["compute/weight_reload_s"] = self.reload_s
@@ -379,14 +438,21 @@ class RLRun:
             ray.get(policy.call_async("send_weights"))
         else:
             refs = ray.get(policy.call_async("weights_ref"))[0]
-            self.reload_s = max(ray.get([e.load_weights.remote(refs, self.version)
-                                         for e in self.groups["rollout"].actors]))
+            self.reload_s = max(
+                ray.get(
+                    [
+                        e.load_weights.remote(refs, self.version)
+                        for e in self.groups["rollout"].actors
+                    ]
+                )
+            )
         versions = ray.get([e.version.remote() for e in self.groups["rollout"].actors])
         if any(v != self.version for v in versions):
             from rlhf.rl.dispatch import StaleEngineError
 
-            raise StaleEngineError(f"after the weight sync engines report versions {versions}, "
-                                   f"expected {self.version}")
+            raise StaleEngineError(
+                f"after the weight sync engines report versions {versions}, expected {self.version}"
+            )
 
     # ---- evaluation ---------------------------------------------------------------------------
 
@@ -395,8 +461,12 @@ class RLRun:
         if not self.eval_prompts:
             return {}
         samples = self.dispatcher.generate(
-            [p[0] for p in self.eval_prompts], n=1, chunk_size=32,
-            max_tokens=self.rl.rollout.max_new_tokens, temperature=0.0)
+            [p[0] for p in self.eval_prompts],
+            n=1,
+            chunk_size=32,
+            max_tokens=self.rl.rollout.max_new_tokens,
+            temperature=0.0,
+        )
         texts = [self.tok.decode(s.token_ids, skip_special_tokens=True) for s in samples]
         out = {"eval/num_prompts": float(len(samples))}
         labels = [p[1] for p in self.eval_prompts]
@@ -449,7 +519,6 @@ def run_rl(cfg: Config, policy_dir: str, reward_model_dir: str | None = None) ->
         run.shutdown()
     final = {f"rl/{k}": v for k, v in metrics.items()}
     final.update({f"rl/before_{k.split('/', 1)[1]}": v for k, v in before.items()})
-    result = {"model": str(model_dir), "wall_s": round(time.time() - started, 1),
-              "metrics": final}
+    result = {"model": str(model_dir), "wall_s": round(time.time() - started, 1), "metrics": final}
     done.write_text(json.dumps(result, indent=1))
     return result

@@ -50,8 +50,9 @@ def _chunks(batch: dict, size: int) -> Iterator[dict]:
 
 
 @torch.no_grad()
-def response_logprobs(model: torch.nn.Module, batch: dict, micro_batch_size: int,
-                      temperature: float = 1.0) -> torch.Tensor:
+def response_logprobs(
+    model: torch.nn.Module, batch: dict, micro_batch_size: int, temperature: float = 1.0
+) -> torch.Tensor:
     """log p(response token) under `model` at the sampling temperature: (B, R), 0 on padding."""
     parts = []
     for chunk in _chunks(batch, micro_batch_size):
@@ -71,19 +72,28 @@ def response_values(critic: torch.nn.Module, batch: dict, micro_batch_size: int)
 
 def _values(critic: torch.nn.Module, batch: dict) -> torch.Tensor:
     P = batch["input_ids"].shape[1] - batch["response_mask"].shape[1]
-    out = critic(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 position_ids=batch["position_ids"], use_cache=False)
+    out = critic(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    )
     return out.logits.squeeze(-1)[:, P - 1 : -1].float()
 
 
 @torch.no_grad()
-def sequence_scores(reward_model: torch.nn.Module, batch: dict,
-                    micro_batch_size: int) -> torch.Tensor:
+def sequence_scores(
+    reward_model: torch.nn.Module, batch: dict, micro_batch_size: int
+) -> torch.Tensor:
     """The reward model's score of each (prompt, response): (B,)."""
     parts = []
     for chunk in _chunks(batch, micro_batch_size):
-        out = reward_model(input_ids=chunk["input_ids"], attention_mask=chunk["attention_mask"],
-                           position_ids=chunk["position_ids"], use_cache=False)
+        out = reward_model(
+            input_ids=chunk["input_ids"],
+            attention_mask=chunk["attention_mask"],
+            position_ids=chunk["position_ids"],
+            use_cache=False,
+        )
         parts.append(out.logits.squeeze(-1).float())
     return torch.cat(parts)
 
@@ -108,8 +118,16 @@ def _add(sums: dict[str, float], metrics: dict[str, float]) -> None:
         sums[k] = sums.get(k, 0.0) + float(v)
 
 
-def policy_update(engine: Any, batch: dict, rl: RLConfig, role: TrainRoleConfig, rank: int,
-                  world: int, step: int, ptx_rows: Iterator[dict] | None = None) -> dict[str, float]:
+def policy_update(
+    engine: Any,
+    batch: dict,
+    rl: RLConfig,
+    role: TrainRoleConfig,
+    rank: int,
+    world: int,
+    step: int,
+    ptx_rows: Iterator[dict] | None = None,
+) -> dict[str, float]:
     """PPO epochs over shuffled mini-batches: clipped surrogate (+ KL loss, entropy, PPO-ptx)."""
     micro = role.micro_batch_size
     gas = rl.mini_batch_size // (micro * world)
@@ -132,25 +150,40 @@ def policy_update(engine: Any, batch: dict, rl: RLConfig, role: TrainRoleConfig,
                 metrics: dict[str, float] = {}
                 if rl.truncated_is_cap is not None:
                     is_weights, gap = truncated_is_weights(
-                        chunk["old_logprobs"], chunk["rollout_logprobs"], mask,
-                        rl.truncated_is_cap)
+                        chunk["old_logprobs"], chunk["rollout_logprobs"], mask, rl.truncated_is_cap
+                    )
                     metrics.update(gap)
                 loss, pm = ppo_policy_loss(
-                    logp, chunk["old_logprobs"], chunk["advantages"], mask,
-                    clip_eps_low=rl.clip_eps_low, clip_eps_high=rl.clip_eps_high,
-                    dual_clip=rl.dual_clip, mode=rl.loss_mode, normaliser=norm,
-                    is_weights=is_weights)
+                    logp,
+                    chunk["old_logprobs"],
+                    chunk["advantages"],
+                    mask,
+                    clip_eps_low=rl.clip_eps_low,
+                    clip_eps_high=rl.clip_eps_high,
+                    dual_clip=rl.dual_clip,
+                    mode=rl.loss_mode,
+                    normaliser=norm,
+                    is_weights=is_weights,
+                )
                 metrics.update(pm)
                 metrics["policy/pg_loss"] = loss.item() * world * gas
                 if not rl.kl_as_reward and rl.kl_coef > 0:
-                    kl_term, km = kl_loss(logp, chunk["ref_logprobs"], mask, rl.kl_coef,
-                                          rl.kl_estimate, rl.loss_mode, norm)
+                    kl_term, km = kl_loss(
+                        logp,
+                        chunk["ref_logprobs"],
+                        mask,
+                        rl.kl_coef,
+                        rl.kl_estimate,
+                        rl.loss_mode,
+                        norm,
+                    )
                     loss = loss + kl_term
                     metrics["policy/kl_loss"] = kl_term.item() * world * gas
                 entropy = entropy_from_logits(logits)
                 if rl.entropy_coef > 0:
-                    loss = loss - rl.entropy_coef * aggregate_loss(entropy, mask, rl.loss_mode,
-                                                                   norm)
+                    loss = loss - rl.entropy_coef * aggregate_loss(
+                        entropy, mask, rl.loss_mode, norm
+                    )
                 metrics["policy/entropy"] = masked_mean(entropy.detach(), mask).item()
                 if ptx_rows is not None and rl.ptx_coef > 0:
                     ptx = next(ptx_rows)
@@ -168,8 +201,9 @@ def policy_update(engine: Any, batch: dict, rl: RLConfig, role: TrainRoleConfig,
     return out
 
 
-def critic_update(engine: Any, batch: dict, rl: RLConfig, role: TrainRoleConfig, rank: int,
-                  world: int, step: int) -> dict[str, float]:
+def critic_update(
+    engine: Any, batch: dict, rl: RLConfig, role: TrainRoleConfig, rank: int, world: int, step: int
+) -> dict[str, float]:
     """Value regression to the GAE returns, PPO2-clipped around the rollout-time values."""
     micro = role.micro_batch_size
     gas = rl.mini_batch_size // (micro * world)
@@ -184,9 +218,15 @@ def critic_update(engine: Any, batch: dict, rl: RLConfig, role: TrainRoleConfig,
             for k in range(gas):
                 chunk = slice_rows(mine, k * micro, (k + 1) * micro)
                 values = _values(engine.module, chunk)
-                loss, metrics = value_loss(values, chunk["values"], chunk["returns"],
-                                           chunk["response_mask"], rl.value_clip, rl.loss_mode,
-                                           norm)
+                loss, metrics = value_loss(
+                    values,
+                    chunk["values"],
+                    chunk["returns"],
+                    chunk["response_mask"],
+                    rl.value_clip,
+                    rl.loss_mode,
+                    norm,
+                )
                 metrics["critic/value_loss"] = loss.item() * world * gas
                 engine.backward(loss * world * gas)
                 engine.step()
@@ -203,8 +243,11 @@ def seed_of(step: int, epoch: int) -> int:
 
 
 def _lm_nll_mean(model: torch.nn.Module, rows: dict) -> torch.Tensor:
-    logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
-                   use_cache=False).logits[:, :-1].float()
+    logits = (
+        model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], use_cache=False)
+        .logits[:, :-1]
+        .float()
+    )
     labels = rows["labels"][:, 1:]
     mask = labels != -100
     logp = token_logprobs(logits, labels.clamp(min=0))

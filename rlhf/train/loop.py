@@ -44,8 +44,11 @@ class StageData:
     def load(cls, folder: Path) -> StageData:
         from datasets import load_from_disk
 
-        return cls(load_from_disk(str(folder / "train")), load_from_disk(str(folder / "eval")),
-                   json.loads((folder / "report.json").read_text()))
+        return cls(
+            load_from_disk(str(folder / "train")),
+            load_from_disk(str(folder / "eval")),
+            json.loads((folder / "report.json").read_text()),
+        )
 
 
 def optimizer_of(engine: Any) -> eng.GuardedAdamW:
@@ -80,8 +83,9 @@ def _all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def evaluate(task: StageTask, model: torch.nn.Module, eval_ds: Any, rank: int, world: int,
-             batch_size: int) -> dict[str, float]:
+def evaluate(
+    task: StageTask, model: torch.nn.Module, eval_ds: Any, rank: int, world: int, batch_size: int
+) -> dict[str, float]:
     """Sharded evaluation: each rank sums over its slice, sums are all-reduced, then finished."""
     model.eval()
     sums: dict[str, float] = {}
@@ -97,8 +101,16 @@ def evaluate(task: StageTask, model: torch.nn.Module, eval_ds: Any, rank: int, w
     return task.finish_eval(sums)
 
 
-def _save(engine: Any, task: StageTask, state: dict, cfg: Config, stage: str, rank: int,
-          world: int, init_dir: str) -> str:
+def _save(
+    engine: Any,
+    task: StageTask,
+    state: dict,
+    cfg: Config,
+    stage: str,
+    rank: int,
+    world: int,
+    init_dir: str,
+) -> str:
     """Every rank writes its DeepSpeed state; rank 0 adds the HF export and the trainer state."""
     root = Path(tempfile.mkdtemp(prefix=f"{stage}-ckpt-"))
     eng.save_engine_state(engine, root / "engine")
@@ -107,8 +119,9 @@ def _save(engine: Any, task: StageTask, state: dict, cfg: Config, stage: str, ra
         task.export(engine.module, weights, init_dir, root / "model")
         (root / "trainer_state.json").write_text(json.dumps(state, indent=1))
     files = [p for p in root.rglob("*") if p.is_file()]
-    write_manifest(root, files, rank=rank, world_size=world, step=state["step"],
-                   fingerprint=cfg.fingerprint())
+    write_manifest(
+        root, files, rank=rank, world_size=world, step=state["step"], fingerprint=cfg.fingerprint()
+    )
     return str(root)
 
 
@@ -118,7 +131,9 @@ def train_stage(loop_config: dict) -> None:
 
     cfg = Config.model_validate(loop_config["config"])
     stage, init_dir, resume_dir = (
-        loop_config["stage"], loop_config["init_dir"], loop_config.get("resume_dir")
+        loop_config["stage"],
+        loop_config["init_dir"],
+        loop_config.get("resume_dir"),
     )
     scfg = getattr(cfg, stage)
     ctx = ray.train.get_context()
@@ -132,10 +147,18 @@ def train_stage(loop_config: dict) -> None:
     model = task.build_model(cfg, init_dir)
     dtype = eng.precision_dtype(scfg.precision, scfg.use_gpu)
     engine = eng.init_engine(
-        model, lr=scfg.lr, betas=tuple(scfg.betas), weight_decay=scfg.weight_decay,
-        warmup_steps=scfg.warmup_steps, max_steps=scfg.max_steps, min_lr_ratio=scfg.min_lr_ratio,
-        zero_stage=scfg.zero_stage, micro_batch_size=scfg.micro_batch_size,
-        grad_accum_steps=scfg.grad_accum_steps, grad_clip=scfg.grad_clip, dtype=dtype,
+        model,
+        lr=scfg.lr,
+        betas=tuple(scfg.betas),
+        weight_decay=scfg.weight_decay,
+        warmup_steps=scfg.warmup_steps,
+        max_steps=scfg.max_steps,
+        min_lr_ratio=scfg.min_lr_ratio,
+        zero_stage=scfg.zero_stage,
+        micro_batch_size=scfg.micro_batch_size,
+        grad_accum_steps=scfg.grad_accum_steps,
+        grad_clip=scfg.grad_clip,
+        dtype=dtype,
     )
     state = {"step": 0, "skipped_steps": 0, "nonfinite_streak": 0}
     if resume_dir:
@@ -150,12 +173,14 @@ def train_stage(loop_config: dict) -> None:
     writer.close()
 
 
-def _train_step(task: StageTask, engine: Any, data: Any, scfg: Any, seed: int, step: int,
-                rank: int, world: int) -> dict[str, float]:
+def _train_step(
+    task: StageTask, engine: Any, data: Any, scfg: Any, seed: int, step: int, rank: int, world: int
+) -> dict[str, float]:
     """One optimizer step over one global batch; returns metrics summed over all ranks."""
     mb, gas = scfg.micro_batch_size, scfg.grad_accum_steps
-    ids = stream_indices(step * scfg.global_batch_size, scfg.global_batch_size, len(data.train),
-                         seed)
+    ids = stream_indices(
+        step * scfg.global_batch_size, scfg.global_batch_size, len(data.train), seed
+    )
     rows = [data.train[i] for i in ids]
     norm = max(1, task.loss_weight(rows))
     sums: dict[str, float] = {"nonfinite_loss": 0.0}
@@ -179,8 +204,18 @@ def _train_step(task: StageTask, engine: Any, data: Any, scfg: Any, seed: int, s
     return _all_reduce_sum(sums)
 
 
-def _run_steps(task: StageTask, engine: Any, data: Any, cfg: Config, stage: str, state: dict,
-               rank: int, world: int, writer: MetricsWriter, init_dir: str) -> None:
+def _run_steps(
+    task: StageTask,
+    engine: Any,
+    data: Any,
+    cfg: Config,
+    stage: str,
+    state: dict,
+    rank: int,
+    world: int,
+    writer: MetricsWriter,
+    init_dir: str,
+) -> None:
     import ray.train
 
     scfg = getattr(cfg, stage)
@@ -190,8 +225,11 @@ def _run_steps(task: StageTask, engine: Any, data: Any, cfg: Config, stage: str,
         step = state["step"]
         sums = _train_step(task, engine, data, scfg, cfg.run.seed, step, rank, world)
         # Skipped by our guard, or by DeepSpeed itself (it skips on overflow without calling us).
-        skipped = (optimizer.last_step_skipped or sums["nonfinite_loss"] > 0
-                   or not math.isfinite(eng.global_grad_norm(engine)))
+        skipped = (
+            optimizer.last_step_skipped
+            or sums["nonfinite_loss"] > 0
+            or not math.isfinite(eng.global_grad_norm(engine))
+        )
         state["skipped_steps"] += int(skipped)
         state["nonfinite_streak"] = state["nonfinite_streak"] + 1 if skipped else 0
         if state["nonfinite_streak"] >= scfg.max_nonfinite_steps:
@@ -202,11 +240,13 @@ def _run_steps(task: StageTask, engine: Any, data: Any, cfg: Config, stage: str,
         state["step"] = step + 1
         tokens += sums.get("tokens", 0.0)
         metrics = {f"{stage}/{k}": v for k, v in task.finish_train(sums).items()}
-        metrics.update({
-            f"{stage}/lr": engine.get_lr()[0],
-            f"{stage}/grad_norm": eng.global_grad_norm(engine),
-            f"{stage}/skipped_steps": state["skipped_steps"],
-        })
+        metrics.update(
+            {
+                f"{stage}/lr": engine.get_lr()[0],
+                f"{stage}/grad_norm": eng.global_grad_norm(engine),
+                f"{stage}/skipped_steps": state["skipped_steps"],
+            }
+        )
         if tokens:  # language-modelling stages count tokens; preference stages count pairs
             metrics[f"{stage}/tokens_per_s"] = tokens / max(1e-9, time.time() - t_start)
         last = state["step"] == scfg.max_steps
@@ -219,6 +259,8 @@ def _run_steps(task: StageTask, engine: Any, data: Any, cfg: Config, stage: str,
             # Only checkpoints go through Ray Train: a report is a synchronous round trip to the
             # controller (it cost ~75% of a tiny-model step); metrics go to our own writer.
             ckpt = _save(engine, task, state, cfg, stage, rank, world, init_dir)
-            ray.train.report({**metrics, "step": state["step"]},
-                             checkpoint=ray.train.Checkpoint.from_directory(ckpt))
+            ray.train.report(
+                {**metrics, "step": state["step"]},
+                checkpoint=ray.train.Checkpoint.from_directory(ckpt),
+            )
             shutil.rmtree(ckpt, ignore_errors=True)  # Ray has copied it into storage

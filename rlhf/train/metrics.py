@@ -42,7 +42,9 @@ class MetricsWriter:
 
     def log_event(self, name: str, payload: Any) -> None:
         if self.enabled:
-            self.jsonl.write(json.dumps({"event": name, "time": time.time(), "data": payload}) + "\n")
+            self.jsonl.write(
+                json.dumps({"event": name, "time": time.time(), "data": payload}) + "\n"
+            )
             self.jsonl.flush()
 
     def close(self) -> None:

@@ -90,8 +90,13 @@ def _load_causal_lm(cfg: Config, path: str, lora: Any = None) -> torch.nn.Module
 
     model = load_causal_lm(path, trust_remote_code=cfg.model.trust_remote_code)
     if lora is not None and lora.enabled:
-        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                           target_modules=lora.target_modules)
+        model = apply_lora(
+            model,
+            r=lora.r,
+            alpha=lora.alpha,
+            dropout=lora.dropout,
+            target_modules=lora.target_modules,
+        )
     return model
 
 
@@ -106,7 +111,7 @@ def _export_hf(module: torch.nn.Module, weights: dict | None, init_dir: str, out
         model = merge_lora(copy.deepcopy(model))  # merging is in place; training goes on
         weights = None
     elif weights is not None and hasattr(module, "policy"):
-        weights = {k[len("policy."):]: v for k, v in weights.items() if k.startswith("policy.")}
+        weights = {k[len("policy.") :]: v for k, v in weights.items() if k.startswith("policy.")}
     model.save_pretrained(str(out), state_dict=weights, safe_serialization=True)
     AutoTokenizer.from_pretrained(init_dir).save_pretrained(str(out))
 
@@ -157,12 +162,18 @@ def _rewards(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.T
 def _build_rm(cfg: Config, init_dir: str) -> torch.nn.Module:
     from rlhf.models.factory import apply_lora, load_reward_model
 
-    model = load_reward_model(init_dir, trust_remote_code=cfg.model.trust_remote_code,
-                              seed=cfg.run.seed)
+    model = load_reward_model(
+        init_dir, trust_remote_code=cfg.model.trust_remote_code, seed=cfg.run.seed
+    )
     lora = cfg.rm.lora
     if lora.enabled:
-        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                           target_modules=lora.target_modules)
+        model = apply_lora(
+            model,
+            r=lora.r,
+            alpha=lora.alpha,
+            dropout=lora.dropout,
+            target_modules=lora.target_modules,
+        )
     return model
 
 
@@ -170,8 +181,10 @@ def _rm_loss_fn(margin: float):
     def loss(model, batch, norm):
         chosen, rejected = _rewards(model, batch)
         value, metrics = reward_pairwise_loss(chosen, rejected, margin=margin, reduction="sum")
-        return value / norm, {"pairs": float(chosen.numel()),
-                              "correct": float((chosen > rejected).sum())}
+        return value / norm, {
+            "pairs": float(chosen.numel()),
+            "correct": float((chosen > rejected).sum()),
+        }
 
     return loss
 
@@ -179,14 +192,21 @@ def _rm_loss_fn(margin: float):
 def _rm_eval(model, batch):
     chosen, rejected = _rewards(model, batch)
     loss = -F.logsigmoid(chosen - rejected)
-    return {"pairs": chosen.numel(), "correct": (chosen > rejected).sum().item(),
-            "nll": loss.sum().item(), "margin": (chosen - rejected).sum().item()}
+    return {
+        "pairs": chosen.numel(),
+        "correct": (chosen > rejected).sum().item(),
+        "nll": loss.sum().item(),
+        "margin": (chosen - rejected).sum().item(),
+    }
 
 
 def _pair_finish_eval(sums):
     pairs = max(1.0, sums["pairs"])
-    return {"accuracy": sums["correct"] / pairs, "loss": sums["nll"] / pairs,
-            "margin": sums["margin"] / pairs}
+    return {
+        "accuracy": sums["correct"] / pairs,
+        "loss": sums["nll"] / pairs,
+        "margin": sums["margin"] / pairs,
+    }
 
 
 def _pair_finish_train(sums):
@@ -223,9 +243,15 @@ def _dpo_terms(module: torch.nn.Module, batch: dict, loss_name: str, dcfg: Any):
         ref_logps, _ = _seq_logprobs(module.reference, batch)
     half = logps.shape[0] // 2
     return PREFERENCE_LOSSES[loss_name](
-        logps[:half], logps[half:], ref_logps[:half], ref_logps[half:],
-        beta=dcfg.beta, label_smoothing=dcfg.label_smoothing, nll_coef=dcfg.nll_coef,
-        chosen_lengths=counts[:half], reduction="sum",
+        logps[:half],
+        logps[half:],
+        ref_logps[:half],
+        ref_logps[half:],
+        beta=dcfg.beta,
+        label_smoothing=dcfg.label_smoothing,
+        nll_coef=dcfg.nll_coef,
+        chosen_lengths=counts[:half],
+        reduction="sum",
     )
 
 
@@ -233,8 +259,10 @@ def _dpo_loss_fn(dcfg: Any):
     def loss(module, batch, norm):
         value, metrics = _dpo_terms(module, batch, dcfg.loss, dcfg)
         pairs = batch["input_ids"].shape[0] // 2
-        return value / norm, {"pairs": float(pairs),
-                              "correct": float(metrics["dpo/reward_accuracy"]) * pairs}
+        return value / norm, {
+            "pairs": float(pairs),
+            "correct": float(metrics["dpo/reward_accuracy"]) * pairs,
+        }
 
     return loss
 
@@ -243,42 +271,71 @@ def _dpo_eval_fn(dcfg: Any):
     def eval_sums(module, batch):
         value, metrics = _dpo_terms(module, batch, dcfg.loss, dcfg)
         pairs = batch["input_ids"].shape[0] // 2
-        return {"pairs": pairs, "nll": value.item(),
-                "correct": float(metrics["dpo/reward_accuracy"]) * pairs,
-                "margin": float(metrics["dpo/reward_margin"]) * pairs}
+        return {
+            "pairs": pairs,
+            "nll": value.item(),
+            "correct": float(metrics["dpo/reward_accuracy"]) * pairs,
+            "margin": float(metrics["dpo/reward_margin"]) * pairs,
+        }
 
     return eval_sums
 
 
 # ---- the table ---------------------------------------------------------------------------------
 
-_LM = dict(collate=_lm_collate, loss_weight=_lm_weight, loss=_lm_loss, eval_sums=_lm_eval,
-           eval_keys=("nll", "tokens"), finish_eval=_lm_finish_eval,
-           finish_train=_lm_finish_train, export=_export_hf)
-_PAIRS = dict(collate=_pair_collate, loss_weight=len, eval_keys=("pairs", "correct", "nll", "margin"),
-              finish_eval=_pair_finish_eval, finish_train=_pair_finish_train)
+_LM = dict(
+    collate=_lm_collate,
+    loss_weight=_lm_weight,
+    loss=_lm_loss,
+    eval_sums=_lm_eval,
+    eval_keys=("nll", "tokens"),
+    finish_eval=_lm_finish_eval,
+    finish_train=_lm_finish_train,
+    export=_export_hf,
+)
+_PAIRS = dict(
+    collate=_pair_collate,
+    loss_weight=len,
+    eval_keys=("pairs", "correct", "nll", "margin"),
+    finish_eval=_pair_finish_eval,
+    finish_train=_pair_finish_train,
+)
 
 
 def _pretrain_task(cfg: Config) -> StageTask:
-    return StageTask(prepare_data=_prepare_pretrain,
-                     build_model=lambda c, path: _load_causal_lm(c, path), **_LM)
+    return StageTask(
+        prepare_data=_prepare_pretrain, build_model=lambda c, path: _load_causal_lm(c, path), **_LM
+    )
 
 
 def _sft_task(cfg: Config) -> StageTask:
-    return StageTask(prepare_data=_prepare_sft,
-                     build_model=lambda c, path: _load_causal_lm(c, path, c.sft.lora), **_LM)
+    return StageTask(
+        prepare_data=_prepare_sft,
+        build_model=lambda c, path: _load_causal_lm(c, path, c.sft.lora),
+        **_LM,
+    )
 
 
 def _rm_task(cfg: Config) -> StageTask:
-    return StageTask(prepare_data=_prepare_preferences("rm"), build_model=_build_rm,
-                     loss=_rm_loss_fn(cfg.rm.margin), eval_sums=_rm_eval, export=_export_hf,
-                     **_PAIRS)
+    return StageTask(
+        prepare_data=_prepare_preferences("rm"),
+        build_model=_build_rm,
+        loss=_rm_loss_fn(cfg.rm.margin),
+        eval_sums=_rm_eval,
+        export=_export_hf,
+        **_PAIRS,
+    )
 
 
 def _dpo_task(cfg: Config) -> StageTask:
-    return StageTask(prepare_data=_prepare_preferences("dpo"), build_model=_build_dpo,
-                     loss=_dpo_loss_fn(cfg.dpo), eval_sums=_dpo_eval_fn(cfg.dpo),
-                     export=_export_hf, **_PAIRS)
+    return StageTask(
+        prepare_data=_prepare_preferences("dpo"),
+        build_model=_build_dpo,
+        loss=_dpo_loss_fn(cfg.dpo),
+        eval_sums=_dpo_eval_fn(cfg.dpo),
+        export=_export_hf,
+        **_PAIRS,
+    )
 
 
 TASKS: dict[str, Callable[[Config], StageTask]] = {

@@ -78,7 +78,10 @@ def run_stage(cfg: Config, stage: str, init_dir: str) -> dict:
         scaling_config=ScalingConfig(
             num_workers=scfg.num_workers,
             use_gpu=scfg.use_gpu,
-            resources_per_worker={"CPU": scfg.cpus_per_worker, **({"GPU": 1} if scfg.use_gpu else {})},
+            resources_per_worker={
+                "CPU": scfg.cpus_per_worker,
+                **({"GPU": 1} if scfg.use_gpu else {}),
+            },
         ),
         run_config=RunConfig(
             name=stage,

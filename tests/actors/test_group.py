@@ -53,6 +53,9 @@ def test_a_colocated_role_shares_the_placement_group(ray_cluster):
 
 def test_resource_arithmetic_is_checked_before_anything_starts():
     validate_resources({"policy": {"CPU": 1}, "rollout": {"CPU": 1}}, {"CPU": 2.0})
-    with pytest.raises(ResourceError, match=r"roles need 4 GPU \(policy 2 \+ critic 2\) but the "
-                       r"cluster has 2"):
+    with pytest.raises(
+        ResourceError,
+        match=r"roles need 4 GPU \(policy 2 \+ critic 2\) but the "
+        r"cluster has 2",
+    ):
         validate_resources({"policy": {"GPU": 2}, "critic": {"GPU": 2}}, {"CPU": 8, "GPU": 2})

@@ -71,8 +71,9 @@ def test_grpo_normalises_within_each_group_and_zeroes_a_constant_group():
     mask = torch.ones(8, 2)
     adv = grpo_advantages(scores, mask, group_size=4)[:, 0]
     # group 1: mean 0.5, unbiased std sqrt(1/3) = 0.57735 -> +-0.866025
-    torch.testing.assert_close(adv[:4], torch.tensor([0.866025, -0.866025, 0.866025, -0.866025]),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        adv[:4], torch.tensor([0.866025, -0.866025, 0.866025, -0.866025]), atol=1e-5, rtol=0
+    )
     assert torch.equal(adv[4:], torch.zeros(4)) and torch.isfinite(adv).all()
 
 
@@ -80,11 +81,13 @@ def test_dr_grpo_and_rloo_baselines():
     scores = torch.tensor([3.0, 1.0, 2.0])
     mask = torch.ones(3, 1)
     # mean 2 -> [1, -1, 0]
-    torch.testing.assert_close(dr_grpo_advantages(scores, mask, 3)[:, 0],
-                               torch.tensor([1.0, -1.0, 0.0]))
+    torch.testing.assert_close(
+        dr_grpo_advantages(scores, mask, 3)[:, 0], torch.tensor([1.0, -1.0, 0.0])
+    )
     # leave-one-out: 3 - 1.5, 1 - 2.5, 2 - 2 -> [1.5, -1.5, 0]
-    torch.testing.assert_close(rloo_advantages(scores, mask, 3)[:, 0],
-                               torch.tensor([1.5, -1.5, 0.0]))
+    torch.testing.assert_close(
+        rloo_advantages(scores, mask, 3)[:, 0], torch.tensor([1.5, -1.5, 0.0])
+    )
 
 
 def test_group_estimators_match_a_plain_loop_on_random_groups():
@@ -117,5 +120,11 @@ def test_reinforce_pp_whitens_over_all_response_tokens():
 
 
 def test_every_estimator_is_selectable_by_name():
-    assert set(ADVANTAGE_ESTIMATORS) == {"gae", "grpo", "dr_grpo", "rloo", "reinforce_pp",
-                                         "reinforce_pp_baseline"}
+    assert set(ADVANTAGE_ESTIMATORS) == {
+        "gae",
+        "grpo",
+        "dr_grpo",
+        "rloo",
+        "reinforce_pp",
+        "reinforce_pp_baseline",
+    }

@@ -15,8 +15,9 @@ from rlhf.algorithms import (
 
 def one(ratio, adv, **kw):
     logp = torch.tensor([[float(torch.log(torch.tensor(ratio)))]], requires_grad=True)
-    loss, m = ppo_policy_loss(logp, torch.zeros(1, 1), torch.tensor([[adv]]), torch.ones(1, 1),
-                              **kw)
+    loss, m = ppo_policy_loss(
+        logp, torch.zeros(1, 1), torch.tensor([[adv]]), torch.ones(1, 1), **kw
+    )
     loss.backward()
     return loss.item(), logp.grad.item(), m
 
@@ -63,8 +64,13 @@ def test_policy_loss_matches_a_plain_loop_on_a_ragged_batch():
 
 def test_extreme_log_ratios_and_all_masked_rows_stay_finite():
     logp = torch.tensor([[1e4, -1e4], [0.0, 0.0]])
-    loss, m = ppo_policy_loss(logp, torch.zeros(2, 2), torch.ones(2, 2),
-                              torch.tensor([[1.0, 1.0], [0.0, 0.0]]), dual_clip=3.0)
+    loss, m = ppo_policy_loss(
+        logp,
+        torch.zeros(2, 2),
+        torch.ones(2, 2),
+        torch.tensor([[1.0, 1.0], [0.0, 0.0]]),
+        dual_clip=3.0,
+    )
     assert torch.isfinite(loss) and all(v == v for v in m.values())
     empty, _ = ppo_policy_loss(logp, torch.zeros(2, 2), torch.ones(2, 2), torch.zeros(2, 2))
     assert empty.item() == 0.0

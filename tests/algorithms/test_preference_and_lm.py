@@ -29,8 +29,10 @@ def test_micro_batch_losses_with_a_global_token_count_sum_to_the_big_batch_gradi
     full, _ = lm_loss(logprobs(slice(0, 6)), mask)
     (g_full,) = torch.autograd.grad(full, w)
     total = mask.sum().item()
-    parts = [lm_loss(logprobs(slice(i, i + 2)), mask[i : i + 2], normaliser=total)[0]
-             for i in range(0, 6, 2)]
+    parts = [
+        lm_loss(logprobs(slice(i, i + 2)), mask[i : i + 2], normaliser=total)[0]
+        for i in range(0, 6, 2)
+    ]
     (g_parts,) = torch.autograd.grad(sum(parts), w)
     torch.testing.assert_close(g_full, g_parts)
     # with per-micro-batch means instead the gradient differs (the bug this guards against)

@@ -12,13 +12,16 @@ from rlhf.data import pretrain as P
 PROSE = "Ada went to the market on a sunny morning and bought twelve apples for the family."
 
 
-@pytest.mark.parametrize("rule,bad,good", [
-    (P.too_short, "Home page", PROSE),
-    (P.low_alnum, "#### {{{ }}} ||| <<< >>> ### menu", PROSE),
-    (P.repeated_lines, "BUY NOW\nBUY NOW\nBUY NOW\nBUY NOW\nsomething", "a\nb\nc\nd"),
-    (P.repeated_bigram, "click here " * 20, PROSE),
-    (P.wrong_charset, "数据数据数据数据数据 hello", PROSE),
-])
+@pytest.mark.parametrize(
+    "rule,bad,good",
+    [
+        (P.too_short, "Home page", PROSE),
+        (P.low_alnum, "#### {{{ }}} ||| <<< >>> ### menu", PROSE),
+        (P.repeated_lines, "BUY NOW\nBUY NOW\nBUY NOW\nBUY NOW\nsomething", "a\nb\nc\nd"),
+        (P.repeated_bigram, "click here " * 20, PROSE),
+        (P.wrong_charset, "数据数据数据数据数据 hello", PROSE),
+    ],
+)
 def test_each_filter_removes_its_junk_and_keeps_clean_prose(rule, bad, good):
     assert rule(bad) and not rule(good)
 
@@ -67,9 +70,14 @@ def test_the_pipeline_report_adds_up_on_the_bundled_corpus(tmp_path, tiny_tokeni
         lines = (src / f"{name}.jsonl").read_text().splitlines()[:300]
         (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
         sources[name] = [DataFile(path=str(tmp_path / f"{name}.jsonl"))]
-    cfg = SimpleNamespace(sources=sources, mix={"web": 0.75, "code": 0.1, "papers": 0.15},
-                          token_budget=20000, max_length=64, near_dup_threshold=0.8,
-                          on_error="fail")
+    cfg = SimpleNamespace(
+        sources=sources,
+        mix={"web": 0.75, "code": 0.1, "papers": 0.15},
+        token_budget=20000,
+        max_length=64,
+        near_dup_threshold=0.8,
+        on_error="fail",
+    )
     train, evals, report = P.build_pretraining_data(cfg, tiny_tokenizer_dir)
     for name, r in report["sources"].items():
         assert r["docs_in"] == 300 and r["docs_kept"] + sum(r["removed"].values()) == 300, name
@@ -84,8 +92,13 @@ def test_the_pipeline_report_adds_up_on_the_bundled_corpus(tmp_path, tiny_tokeni
 def test_a_text_record_of_the_wrong_type_names_file_line_and_field(tmp_path, tiny_tokenizer_dir):
     bad = tmp_path / "web.jsonl"
     bad.write_text(json.dumps({"text": PROSE}) + "\n" + json.dumps({"text": 7}) + "\n")
-    cfg = SimpleNamespace(sources={"web": [DataFile(path=str(bad))]}, mix={"web": 1.0},
-                          token_budget=1000, max_length=16, near_dup_threshold=0.8,
-                          on_error="fail")
+    cfg = SimpleNamespace(
+        sources={"web": [DataFile(path=str(bad))]},
+        mix={"web": 1.0},
+        token_budget=1000,
+        max_length=16,
+        near_dup_threshold=0.8,
+        on_error="fail",
+    )
     with pytest.raises(P.DataError, match=r"web\.jsonl:2: text: expected a string, got int"):
         P.build_pretraining_data(cfg, tiny_tokenizer_dir)

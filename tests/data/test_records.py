@@ -21,24 +21,41 @@ def write_lines(path, *lines):
 def chats(path, on_error="fail"):
     from rlhf.data.formats import to_chat
 
-    return load_items([DataFile(path=str(path))], SFT, "auto",
-                      lambda rec, fmt: [to_chat(rec, fmt)], on_error, 0)
+    return load_items(
+        [DataFile(path=str(path))], SFT, "auto", lambda rec, fmt: [to_chat(rec, fmt)], on_error, 0
+    )
 
 
 GOOD = json.dumps({"input": "What is 1+2?", "output": "3"})
 BAD_CASES = [
     ("truncated_line", '{"input": "What is 1+2?", "outp', r":2: <json>: invalid JSON"),
-    ("wrong_type", json.dumps({"input": "q", "output": 3}), r":2: output: expected a string, got int"),
+    (
+        "wrong_type",
+        json.dumps({"input": "q", "output": 3}),
+        r":2: output: expected a string, got int",
+    ),
     ("missing_key", json.dumps({"input": "q"}), r":2: output: missing key"),
     ("empty_response", json.dumps({"input": "q", "output": "  "}), r":2: output: empty"),
-    ("unknown_role", json.dumps({"messages": [{"role": "robot", "content": "hi"},
-                                              {"role": "assistant", "content": "x"}]}),
-     r":2: messages\[0\]\.role: unknown role 'robot'"),
+    (
+        "unknown_role",
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "robot", "content": "hi"},
+                    {"role": "assistant", "content": "x"},
+                ]
+            }
+        ),
+        r":2: messages\[0\]\.role: unknown role 'robot'",
+    ),
     ("nan", '{"input": "q", "output": NaN}', r":2: <json>: NaN is not valid JSON"),
     ("infinity", '{"input": "q", "output": -Infinity}', r":2: <json>: -Infinity is not valid"),
     ("invalid_utf8", b'{"input": "q\xff", "output": "3"}', r":2: <utf-8>: invalid UTF-8 byte"),
-    ("last_turn_user", json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
-     r":2: messages\[0\]\.role: the last turn must be the assistant's"),
+    (
+        "last_turn_user",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+        r":2: messages\[0\]\.role: the last turn must be the assistant's",
+    ),
 ]
 
 
@@ -55,8 +72,12 @@ def test_skip_mode_keeps_good_records_and_counts_each_bad_one_by_reason(tmp_path
     assert len(items) == 2
     assert report["skipped"] == len(BAD_CASES)
     assert report["skipped_by_reason"] == {
-        "<json>": 3, "<utf-8>": 1, "output: expected a string, got int": 1,
-        "output: missing key": 1, "output: empty": 1, "messages: unknown role 'robot'": 1,
+        "<json>": 3,
+        "<utf-8>": 1,
+        "output: expected a string, got int": 1,
+        "output: missing key": 1,
+        "output: empty": 1,
+        "messages: unknown role 'robot'": 1,
         "messages: the last turn must be the assistant's": 1,
     }
 
@@ -64,8 +85,9 @@ def test_skip_mode_keeps_good_records_and_counts_each_bad_one_by_reason(tmp_path
 def pref(path, on_error="fail"):
     from rlhf.data.formats import to_pairs
 
-    return load_items([DataFile(path=str(path))], ("pairwise", "ranked"), "auto", to_pairs,
-                      on_error, 0)
+    return load_items(
+        [DataFile(path=str(path))], ("pairwise", "ranked"), "auto", to_pairs, on_error, 0
+    )
 
 
 def ranked(*ranks):
@@ -76,12 +98,20 @@ def test_ranked_lists_expand_into_every_ordered_pair(tmp_path):
     items, _ = pref(write_lines(tmp_path / "r.jsonl", ranked(2, 1, 3, 4)))
     pairs = [(c, r) for _, c, r in items]
     # C(4,2) = 6 pairs, the better-ranked response always first
-    assert pairs == [("a1", "a2"), ("a1", "a3"), ("a1", "a4"), ("a2", "a3"), ("a2", "a4"),
-                     ("a3", "a4")]
+    assert pairs == [
+        ("a1", "a2"),
+        ("a1", "a3"),
+        ("a1", "a4"),
+        ("a2", "a3"),
+        ("a2", "a4"),
+        ("a3", "a4"),
+    ]
 
 
-@pytest.mark.parametrize("ranks,message", [((1, 1, 2), "ranks have ties: \\[1, 1, 2\\]"),
-                                           ((1, 3), "ranks must be 1..2 without gaps")])
+@pytest.mark.parametrize(
+    "ranks,message",
+    [((1, 1, 2), "ranks have ties: \\[1, 1, 2\\]"), ((1, 3), "ranks must be 1..2 without gaps")],
+)
 def test_ranks_with_ties_or_gaps_are_rejected(tmp_path, ranks, message):
     path = write_lines(tmp_path / "r.jsonl", ranked(1, 2), ranked(*ranks))
     with pytest.raises(DataError, match=r":2: responses: " + message):
@@ -114,15 +144,23 @@ def test_a_missing_file_and_an_unknown_extension_are_clear_errors(tmp_path):
 
 
 def test_file_weights_scale_each_files_share_deterministically(tmp_path):
-    a = write_lines(tmp_path / "a.jsonl", *[json.dumps({"input": f"a{i}", "output": "x"})
-                                            for i in range(10)])
-    b = write_lines(tmp_path / "b.jsonl", *[json.dumps({"input": f"b{i}", "output": "x"})
-                                            for i in range(10)])
+    a = write_lines(
+        tmp_path / "a.jsonl", *[json.dumps({"input": f"a{i}", "output": "x"}) for i in range(10)]
+    )
+    b = write_lines(
+        tmp_path / "b.jsonl", *[json.dumps({"input": f"b{i}", "output": "x"}) for i in range(10)]
+    )
     from rlhf.data.formats import to_chat
 
     def load(seed):
-        return load_items([DataFile(path=str(a), weight=2.0), DataFile(path=str(b), weight=0.5)],
-                          SFT, "auto", lambda rec, fmt: [to_chat(rec, fmt)], "fail", seed)
+        return load_items(
+            [DataFile(path=str(a), weight=2.0), DataFile(path=str(b), weight=0.5)],
+            SFT,
+            "auto",
+            lambda rec, fmt: [to_chat(rec, fmt)],
+            "fail",
+            seed,
+        )
 
     items, report = load(0)
     assert report["files"][str(a)] == {"read": 10, "used": 20}
@@ -131,16 +169,27 @@ def test_file_weights_scale_each_files_share_deterministically(tmp_path):
 
 
 def test_rl_prompts_keep_their_optional_label(tmp_path):
-    path = write_lines(tmp_path / "p.jsonl", json.dumps({"prompt": "What is 1+1?", "label": "2"}),
-                       json.dumps({"prompt": "Say hi"}))
+    path = write_lines(
+        tmp_path / "p.jsonl",
+        json.dumps({"prompt": "What is 1+1?", "label": "2"}),
+        json.dumps({"prompt": "Say hi"}),
+    )
     items, _ = load_prompts([DataFile(path=str(path))])
-    assert items == [([{"role": "user", "content": "What is 1+1?"}], "2"),
-                     ([{"role": "user", "content": "Say hi"}], None)]
+    assert items == [
+        ([{"role": "user", "content": "What is 1+1?"}], "2"),
+        ([{"role": "user", "content": "Say hi"}], None),
+    ]
 
 
 def _stage(path, **kw):
-    base = dict(train_files=[DataFile(path=str(path))], eval_files=[], format="auto",
-                on_error="fail", max_length=64, overlong="truncate")
+    base = dict(
+        train_files=[DataFile(path=str(path))],
+        eval_files=[],
+        format="auto",
+        on_error="fail",
+        max_length=64,
+        overlong="truncate",
+    )
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -152,8 +201,9 @@ def test_shipped_samples_cover_every_format_and_prepare_without_errors(tiny_toke
         train, _, report = prepare_sft(_stage(samples / f"{name}.jsonl"), tiny_tokenizer_dir)
         assert len(train) > 0 and report["train"]["skipped"] == 0, name
     for name in ("pairwise", "ranked"):
-        train, _, report = prepare_preferences(_stage(samples / f"{name}.jsonl"),
-                                               tiny_tokenizer_dir)
+        train, _, report = prepare_preferences(
+            _stage(samples / f"{name}.jsonl"), tiny_tokenizer_dir
+        )
         assert len(train) > 0 and report["train"]["skipped"] == 0, name
     items, _ = load_prompts([DataFile(path=str(samples / "prompts.jsonl"))])
     assert all(label is not None for _, label in items)

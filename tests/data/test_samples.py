@@ -12,8 +12,10 @@ SAMPLES = Path(__file__).resolve().parents[2] / "rlhf/data/samples"
 EVAL_FILES = {"sft_eval", "pairwise_eval", "prompts_eval"}
 # Every surface form a sum takes in the bundled files: 23+45, 23 + 45, 23 plus 45, add 23 and 45,
 # sum of 23 and 45, add_pair(23, 45).
-PAIR = re.compile(r"(\d+) ?\+ ?(\d+)|(\d+) plus (\d+)|(?:add|sum of) (\d+) and (\d+)"
-                  r"|add_pair\((\d+), (\d+)\)")
+PAIR = re.compile(
+    r"(\d+) ?\+ ?(\d+)|(\d+) plus (\d+)|(?:add|sum of) (\d+) and (\d+)"
+    r"|add_pair\((\d+), (\d+)\)"
+)
 
 
 def _pairs(text: str) -> set[tuple[int, int]]:
@@ -58,9 +60,16 @@ def test_the_evaluation_files_are_the_held_out_pairs():
         assert found and found <= held, name
 
 
-@pytest.mark.parametrize("text,pair", [("What is 3+40?", (3, 40)), ("7 plus 8 equals 15.", (7, 8)),
-                                       ("If you add 1 and 2 you get 3.", (1, 2)),
-                                       ("# 4 + 95 == 99", (4, 95)), ("The sum of 5 and 6", (5, 6))])
+@pytest.mark.parametrize(
+    "text,pair",
+    [
+        ("What is 3+40?", (3, 40)),
+        ("7 plus 8 equals 15.", (7, 8)),
+        ("If you add 1 and 2 you get 3.", (1, 2)),
+        ("# 4 + 95 == 99", (4, 95)),
+        ("The sum of 5 and 6", (5, 6)),
+    ],
+)
 def test_the_pair_parser_reads_each_surface_form(text, pair):
     assert _pairs(text) == {pair}
 

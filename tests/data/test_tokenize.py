@@ -29,9 +29,13 @@ def test_only_assistant_content_and_its_end_token_carry_loss(tok):
 
 
 def test_every_assistant_turn_of_a_multi_turn_chat_is_trained_and_nothing_else(tok):
-    chat = [{"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"},
-            {"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}]
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "1+1?"},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "2+3?"},
+        {"role": "assistant", "content": "5"},
+    ]
     ids, labels = tokenize_chat(chat, tok)
     assert trained_text(tok, ids, labels) == "2<|eos|>5<|eos|>"
 
@@ -39,8 +43,14 @@ def test_every_assistant_turn_of_a_multi_turn_chat_is_trained_and_nothing_else(t
 def _stage(tmp_path, rows, **kw):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = dict(train_files=[DataFile(path=str(path))], eval_files=[], format="auto",
-                on_error="fail", max_length=24, overlong="truncate")
+    base = dict(
+        train_files=[DataFile(path=str(path))],
+        eval_files=[],
+        format="auto",
+        on_error="fail",
+        max_length=24,
+        overlong="truncate",
+    )
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -60,8 +70,9 @@ def test_overlong_samples_are_dropped_and_counted_when_configured(tmp_path, tiny
     assert len(train) == 1 and report["train"]["dropped_overlong"] == 1
 
 
-def test_a_prompt_longer_than_max_length_is_dropped_even_when_truncating(tmp_path,
-                                                                       tiny_tokenizer_dir):
+def test_a_prompt_longer_than_max_length_is_dropped_even_when_truncating(
+    tmp_path, tiny_tokenizer_dir
+):
     rows = [{"input": "x" * 40, "output": "y"}, ROWS[0]]
     train, _, report = prepare_sft(_stage(tmp_path, rows), tiny_tokenizer_dir)
     assert len(train) == 1 and report["train"]["dropped_overlong"] == 1

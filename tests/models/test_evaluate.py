@@ -37,9 +37,16 @@ def _cfg(tmp_path, labels, *extra):
     rows = [{"prompt": q, "label": y} for q, y in zip(QUESTIONS, labels)]
     path = tmp_path / "held.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return load_config(None, ["run.stages=[]", "sft.eval_files=[]",
-                              f"eval.prompt_files=[{{path: {path}}}]", "eval.max_new_tokens=4",
-                              *extra]), path
+    return load_config(
+        None,
+        [
+            "run.stages=[]",
+            "sft.eval_files=[]",
+            f"eval.prompt_files=[{{path: {path}}}]",
+            "eval.max_new_tokens=4",
+            *extra,
+        ],
+    ), path
 
 
 def test_accuracy_fixed_and_broken_counts_on_real_checkpoints(tmp_path, tiny_dir, tiny_size):
@@ -75,16 +82,28 @@ def test_an_eval_prompt_without_a_label_is_named(tmp_path, tiny_dir):
 def test_rlhf_eval_command(tmp_path, tiny_dir):
     cfg_path = tmp_path / "c.yaml"
     _, held = _cfg(tmp_path, ["3"] * 6)
-    cfg_path.write_text(f"run: {{stages: []}}\nsft: {{eval_files: []}}\n"
-                        f"eval: {{prompt_files: [{{path: {held}}}], samples: 2, max_new_tokens: 3}}\n")
+    cfg_path.write_text(
+        f"run: {{stages: []}}\nsft: {{eval_files: []}}\n"
+        f"eval: {{prompt_files: [{{path: {held}}}], samples: 2, max_new_tokens: 3}}\n"
+    )
     cmd = [sys.executable, "-m", "rlhf.cli", "eval", str(cfg_path)]
-    ok = subprocess.run([*cmd, "--model", f"x={tiny_dir}", "--model", f"y={tiny_dir}"],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
+    ok = subprocess.run(
+        [*cmd, "--model", f"x={tiny_dir}", "--model", f"y={tiny_dir}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr
     out = json.loads(ok.stdout)
     assert out["eval/x_accuracy"] == out["eval/y_accuracy"]
-    assert (out["eval/y_vs_x_fixed"], out["eval/y_vs_x_broken"], out["eval/y_vs_x_greedy_p"]) == (0, 0, 1.0)
-    bad = subprocess.run([*cmd, "--model", f"x={tmp_path}"], cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+    assert (out["eval/y_vs_x_fixed"], out["eval/y_vs_x_broken"], out["eval/y_vs_x_greedy_p"]) == (
+        0,
+        0,
+        1.0,
+    )
+    bad = subprocess.run(
+        [*cmd, "--model", f"x={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert bad.returncode == 2
     assert f"error: --model 'x={tmp_path}': {tmp_path} is not a saved model" in bad.stderr

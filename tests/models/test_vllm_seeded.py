@@ -26,4 +26,4 @@ def test_a_seeded_call_larger_than_one_step_is_served_and_seeds_follow_the_promp
     # it gets the same samples.
     for i in (0, 13, 23):
         alone = engine.generate([prompts[i]], n=N, max_tokens=4, temperature=1.0, seed=5 + i * N)
-        assert [s.token_ids for s in alone] == [s.token_ids for s in samples[i * N:(i + 1) * N]]
+        assert [s.token_ids for s in alone] == [s.token_ids for s in samples[i * N : (i + 1) * N]]

@@ -18,8 +18,9 @@ from rlhf.rl.experience import (
 
 
 def test_build_batch_layout():
-    b = build_batch([[7, 8, 9], [5]], [[10, 11], [12, 13, 14]], [[-0.5, -0.25], [-1, -2, -3]],
-                    pad_id=0)
+    b = build_batch(
+        [[7, 8, 9], [5]], [[10, 11], [12, 13, 14]], [[-0.5, -0.25], [-1, -2, -3]], pad_id=0
+    )
     # Prompts end at column 3 for every row; responses start there.
     assert b["input_ids"].tolist() == [[7, 8, 9, 10, 11, 0], [0, 0, 5, 12, 13, 14]]
     assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
@@ -48,15 +49,28 @@ def _batch(scores, lengths, width=4):
     mask = torch.zeros(B, width)
     for i, n in enumerate(lengths):
         mask[i, :n] = 1
-    return {"input_ids": torch.zeros(B, width + 2, dtype=torch.long), "response_mask": mask,
-            "scores": torch.tensor(scores), "old_logprobs": -torch.ones(B, width) * mask,
-            "ref_logprobs": -2 * torch.ones(B, width) * mask, "values": torch.zeros(B, width)}
+    return {
+        "input_ids": torch.zeros(B, width + 2, dtype=torch.long),
+        "response_mask": mask,
+        "scores": torch.tensor(scores),
+        "old_logprobs": -torch.ones(B, width) * mask,
+        "ref_logprobs": -2 * torch.ones(B, width) * mask,
+        "values": torch.zeros(B, width),
+    }
 
 
 def test_group_advantages_with_kl_in_reward():
     b = _batch([1.0, 0.0, 1.0, 1.0], [2, 3, 1, 4])
-    out, m = compute_advantages(b, algorithm="grpo", group_size=2, kl_coef=0.1, kl_estimator="k1",
-                                kl_in_reward=True, gamma=1.0, lam=1.0)
+    out, m = compute_advantages(
+        b,
+        algorithm="grpo",
+        group_size=2,
+        kl_coef=0.1,
+        kl_estimator="k1",
+        kl_in_reward=True,
+        gamma=1.0,
+        lam=1.0,
+    )
     # k1 per token = -1 - (-2) = 1; sequence scores minus 0.1 * length: 0.8, -0.3 | 0.9, 0.6.
     a = out["advantages"]
     assert a[0, 0] > 0 > a[1, 0] and a[2, 0] > 0 > a[3, 0]
@@ -66,8 +80,17 @@ def test_group_advantages_with_kl_in_reward():
 
 def test_ppo_advantages_reward_at_last_token():
     b = _batch([1.0, 0.0], [2, 3])
-    out, _ = compute_advantages(b, algorithm="ppo", group_size=1, kl_coef=0.0, kl_estimator="k1",
-                                kl_in_reward=True, gamma=1.0, lam=1.0, whiten=False)
+    out, _ = compute_advantages(
+        b,
+        algorithm="ppo",
+        group_size=1,
+        kl_coef=0.0,
+        kl_estimator="k1",
+        kl_in_reward=True,
+        gamma=1.0,
+        lam=1.0,
+        whiten=False,
+    )
     # Zero values, gamma = lam = 1: every token's advantage is the final score.
     assert out["advantages"][0].tolist() == [1.0, 1.0, 0.0, 0.0]
     assert out["returns"][1].tolist() == [0.0, 0.0, 0.0, 0.0]

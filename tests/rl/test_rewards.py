@@ -36,8 +36,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         rewards = [float(r.strip() == y) for r, y in zip(body["responses"], body["labels"])]
-        reply = {"ok": {"rewards": rewards}, "short": {"rewards": rewards[:-1]},
-                 "text": {"rewards": ["high"] * len(rewards)}, "junk": None}[mode]
+        reply = {
+            "ok": {"rewards": rewards},
+            "short": {"rewards": rewards[:-1]},
+            "text": {"rewards": ["high"] * len(rewards)},
+            "junk": None,
+        }[mode]
         data = b"not json" if reply is None else json.dumps(reply).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -57,10 +61,15 @@ def server():
     srv.shutdown()
 
 
-@pytest.mark.parametrize("mode, message", [
-    ("500", "HTTP 500"), ("short", "sent 2 samples, got 1"), ("text", "not a finite number"),
-    ("junk", "expected JSON"),
-])
+@pytest.mark.parametrize(
+    "mode, message",
+    [
+        ("500", "HTTP 500"),
+        ("short", "sent 2 samples, got 1"),
+        ("text", "not a finite number"),
+        ("junk", "expected JSON"),
+    ],
+)
 def test_http_rewards_errors_name_the_endpoint(server, mode, message):
     _Handler.mode = mode
     url = server[1]

@@ -19,19 +19,30 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.e2e]
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = [
-    "model.tiny.hidden_size=64", "model.tiny.num_layers=2", "model.tiny.num_heads=2",
-    "model.tiny.num_kv_heads=2", "model.tiny.intermediate_size=64",
-    "rl.prompts_per_step=4", "rl.samples_per_prompt=2", "rl.mini_batch_size=4",
-    "rl.rollout.chunk_size=1", "rl.rollout.max_new_tokens=6", "rl.rollout.kv_cache_gb=0.05",
-    "rl.eval_prompts=8", "rl.policy.lr=1e-3", "rl.policy.micro_batch_size=2",
-    "rl.critic.micro_batch_size=2", "rl.filter_groups=false",
+    "model.tiny.hidden_size=64",
+    "model.tiny.num_layers=2",
+    "model.tiny.num_heads=2",
+    "model.tiny.num_kv_heads=2",
+    "model.tiny.intermediate_size=64",
+    "rl.prompts_per_step=4",
+    "rl.samples_per_prompt=2",
+    "rl.mini_batch_size=4",
+    "rl.rollout.chunk_size=1",
+    "rl.rollout.max_new_tokens=6",
+    "rl.rollout.kv_cache_gb=0.05",
+    "rl.eval_prompts=8",
+    "rl.policy.lr=1e-3",
+    "rl.policy.micro_batch_size=2",
+    "rl.critic.micro_batch_size=2",
+    "rl.filter_groups=false",
 ]
 
 
 def rl_config(tmp_path, *extra):
-    return load_config(REPO / "configs/tiny_cpu.yaml",
-                       [f"run.output_dir={tmp_path}", "run.name=t", "run.stages=[rl]", *SMALL,
-                        *extra])
+    return load_config(
+        REPO / "configs/tiny_cpu.yaml",
+        [f"run.output_dir={tmp_path}", "run.name=t", "run.stages=[rl]", *SMALL, *extra],
+    )
 
 
 def _weights(run):
@@ -42,12 +53,19 @@ def _weights(run):
 def test_ppo_two_engines_data_parallel_colocated(tmp_path, tiny_dir, ray_cluster):
     """PPO with a critic, a reward model, PPO-ptx, 2 policy ranks, 2 engines, colocation."""
     cfg = rl_config(
-        tmp_path, "rl.algorithm=ppo", "rl.reward.kind=model", f"rl.reward.model_path={tiny_dir}",
+        tmp_path,
+        "rl.algorithm=ppo",
+        "rl.reward.kind=model",
+        f"rl.reward.model_path={tiny_dir}",
         "rl.policy.num_actors=2",
-        "rl.reference.num_actors=2", "rl.rollout.num_engines=2", "rl.ptx_coef=0.1",
-        "rl.ptx_files=[{path: rlhf/data/samples/sft_io.jsonl}]", "rl.ptx_batch_size=2",
+        "rl.reference.num_actors=2",
+        "rl.rollout.num_engines=2",
+        "rl.ptx_coef=0.1",
+        "rl.ptx_files=[{path: rlhf/data/samples/sft_io.jsonl}]",
+        "rl.ptx_batch_size=2",
         "rl.colocate=[[policy, reference], [critic, reward_model]]",
-        "rl.policy.cpus_per_actor=0.25", "rl.critic.cpus_per_actor=0.25",
+        "rl.policy.cpus_per_actor=0.25",
+        "rl.critic.cpus_per_actor=0.25",
         "rl.rollout.cpus_per_engine=0.25",
         # Full lr from the first update, so two updates move the policy far enough that an
         # engine left on the old weights shows a logprob gap above rl.rollout.max_logprob_gap.
@@ -63,12 +81,28 @@ def test_ppo_two_engines_data_parallel_colocated(tmp_path, tiny_dir, ray_cluster
         assert (m2["filter/rounds"], m2["filter/padded_groups"]) == (1, 0)
         assert m2["compute/reward_s"] > 0 and "filter/rounds" not in m1
         for m in (m1, m2):
-            for key in ("timing/generate", "timing/reward", "timing/ref", "timing/logprobs",
-                        "timing/values", "timing/advantages", "timing/train_critic",
-                        "timing/train_policy", "timing/weight_sync"):
+            for key in (
+                "timing/generate",
+                "timing/reward",
+                "timing/ref",
+                "timing/logprobs",
+                "timing/values",
+                "timing/advantages",
+                "timing/train_critic",
+                "timing/train_policy",
+                "timing/weight_sync",
+            ):
                 assert m[key] >= 0, key
-            assert torch.isfinite(torch.tensor([m["critic/value_loss"], m["ppo/clipfrac"],
-                                                m["policy/ptx_loss"], m["policy/entropy"]])).all()
+            assert torch.isfinite(
+                torch.tensor(
+                    [
+                        m["critic/value_loss"],
+                        m["ppo/clipfrac"],
+                        m["policy/ptx_loss"],
+                        m["policy/entropy"],
+                    ]
+                )
+            ).all()
         # Step 2 sampled with the weights step 1 trained: the engines' logprobs are the trainer's.
         assert m2["rollout/logprob_gap"] < 1e-3
         assert m2["kl/mean_per_token"] != 0.0  # the policy moved away from the reference
@@ -122,9 +156,16 @@ def test_each_critic_free_estimator_over_http_rewards(tmp_path, tiny_dir, ray_cl
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Scorer)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_address[1]}/score"
-    cfg = rl_config(tmp_path, "rl.algorithm=grpo", "rl.reward.kind=http", f"rl.reward.url={url}",
-                    "rl.kl_in_reward=false", "rl.kl_estimator=k3", "rl.entropy_coef=0.01",
-                    "rl.truncated_is_cap=2.0")
+    cfg = rl_config(
+        tmp_path,
+        "rl.algorithm=grpo",
+        "rl.reward.kind=http",
+        f"rl.reward.url={url}",
+        "rl.kl_in_reward=false",
+        "rl.kl_estimator=k3",
+        "rl.entropy_coef=0.01",
+        "rl.truncated_is_cap=2.0",
+    )
     run = RLRun(cfg, str(tiny_dir), reward_model_dir=None)
     try:
         assert "critic" not in run.groups and "reward_model" not in run.groups
@@ -145,8 +186,9 @@ def test_each_critic_free_estimator_over_http_rewards(tmp_path, tiny_dir, ray_cl
         # prompts did not find 4 of them.
         k, n = 4, 2
         _Scorer.rule = "coin"
-        run.rl = run.rl.model_copy(update={"algorithm": "grpo", "filter_groups": True,
-                                           "filter_max_rounds": 3})
+        run.rl = run.rl.model_copy(
+            update={"algorithm": "grpo", "filter_groups": True, "filter_max_rounds": 3}
+        )
         cursor = run.prompt_cursor
         prompts, samples, _, scores, m = run._rollouts(step, {})
         rich = k - int(m["filter/padded_groups"])
@@ -177,9 +219,14 @@ def test_run_rl_saves_a_loadable_policy(tmp_path, tiny_dir, ray_cluster):
 
     # A random model never answers right (all-zero rewards, zero advantages): the entropy bonus
     # is what moves it here.
-    cfg = rl_config(tmp_path, "rl.algorithm=rloo", "rl.max_steps=2", "rl.eval_interval=1",
-                    "rl.entropy_coef=0.05",
-                    "rl.eval_prompt_files=[{path: rlhf/data/samples/prompts_eval.jsonl}]")
+    cfg = rl_config(
+        tmp_path,
+        "rl.algorithm=rloo",
+        "rl.max_steps=2",
+        "rl.eval_interval=1",
+        "rl.entropy_coef=0.05",
+        "rl.eval_prompt_files=[{path: rlhf/data/samples/prompts_eval.jsonl}]",
+    )
     result = run_rl(cfg, str(tiny_dir))
     model = AutoModelForCausalLM.from_pretrained(result["model"])
     base = AutoModelForCausalLM.from_pretrained(str(tiny_dir))

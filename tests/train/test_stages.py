@@ -19,18 +19,29 @@ pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
-    "model.tiny.hidden_size=64", "model.tiny.num_layers=2", "model.tiny.num_heads=2",
-    "model.tiny.num_kv_heads=2", "model.tiny.intermediate_size=64",
+    "model.tiny.hidden_size=64",
+    "model.tiny.num_layers=2",
+    "model.tiny.num_heads=2",
+    "model.tiny.num_kv_heads=2",
+    "model.tiny.intermediate_size=64",
 ]
 
 
 def small_config(tmp_path, stage, *extra):
     """The shipped demo config, shrunk to a few steps of a very small model."""
     overrides = [
-        f"run.output_dir={tmp_path}", "run.name=t", f"run.stages=[{stage}]", *TINY,
-        f"{stage}.max_steps=4", f"{stage}.warmup_steps=1", f"{stage}.micro_batch_size=2",
-        f"{stage}.global_batch_size=8", f"{stage}.eval_interval=2", f"{stage}.save_interval=2",
-        f"{stage}.log_interval=1", *extra,
+        f"run.output_dir={tmp_path}",
+        "run.name=t",
+        f"run.stages=[{stage}]",
+        *TINY,
+        f"{stage}.max_steps=4",
+        f"{stage}.warmup_steps=1",
+        f"{stage}.micro_batch_size=2",
+        f"{stage}.global_batch_size=8",
+        f"{stage}.eval_interval=2",
+        f"{stage}.save_interval=2",
+        f"{stage}.log_interval=1",
+        *extra,
     ]
     if stage == "pretrain":
         overrides += ["pretrain.token_budget=20000", "pretrain.max_length=64"]
@@ -41,8 +52,9 @@ def small_config(tmp_path, stage, *extra):
 def base_model(tmp_path_factory, ray_cluster):
     from rlhf.driver import base_model as build
 
-    cfg = load_config(REPO / "configs/tiny_cpu.yaml",
-                      [f"run.output_dir={tmp_path_factory.mktemp('base')}", *TINY])
+    cfg = load_config(
+        REPO / "configs/tiny_cpu.yaml", [f"run.output_dir={tmp_path_factory.mktemp('base')}", *TINY]
+    )
     return build(cfg)
 
 
@@ -85,24 +97,38 @@ def test_each_stage_trains_a_few_steps_and_exports_a_loadable_hf_checkpoint(
 
 
 def test_sft_with_lora_trains_adapters_and_exports_merged_full_weights(tmp_path, base_model):
-    cfg = small_config(tmp_path, "sft", "sft.lora.enabled=true", "sft.lora.r=4", "sft.lr=1e-2",
-                       "sft.max_steps=2")
+    cfg = small_config(
+        tmp_path, "sft", "sft.lora.enabled=true", "sft.lora.r=4", "sft.lr=1e-2", "sft.max_steps=2"
+    )
     summary = run_stage(cfg, "sft", base_model)
     before, after = _weights(base_model), _weights(summary["model"])
     assert set(after) == set(before)  # a plain HF checkpoint: no adapter keys left
-    assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"],
-                           after["model.layers.0.self_attn.q_proj.weight"])  # adapters merged
-    assert torch.equal(before["model.layers.0.mlp.up_proj.weight"],
-                       after["model.layers.0.mlp.up_proj.weight"])  # no adapter there
+    assert not torch.equal(
+        before["model.layers.0.self_attn.q_proj.weight"],
+        after["model.layers.0.self_attn.q_proj.weight"],
+    )  # adapters merged
+    assert torch.equal(
+        before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"]
+    )  # no adapter there
 
 
 def test_two_workers_and_one_worker_give_the_same_weights_for_the_same_global_batches(
     tmp_path, base_model
 ):
-    one = run_stage(small_config(tmp_path / "w1", "sft", "sft.num_workers=1",
-                                 "sft.max_steps=2", "sft.micro_batch_size=4"), "sft", base_model)
-    two = run_stage(small_config(tmp_path / "w2", "sft", "sft.num_workers=2",
-                                 "sft.max_steps=2", "sft.micro_batch_size=2"), "sft", base_model)
+    one = run_stage(
+        small_config(
+            tmp_path / "w1", "sft", "sft.num_workers=1", "sft.max_steps=2", "sft.micro_batch_size=4"
+        ),
+        "sft",
+        base_model,
+    )
+    two = run_stage(
+        small_config(
+            tmp_path / "w2", "sft", "sft.num_workers=2", "sft.max_steps=2", "sft.micro_batch_size=2"
+        ),
+        "sft",
+        base_model,
+    )
     w1, w2 = _weights(one["model"]), _weights(two["model"])
     base = _weights(base_model)
     # Summing gradients in another order changes them by float rounding only, but Adam's first
@@ -121,8 +147,14 @@ def test_two_workers_and_one_worker_give_the_same_weights_for_the_same_global_ba
 def test_a_non_finite_run_aborts_with_a_clear_error(tmp_path, base_model):
     from rlhf.train.trainer import StageFailedError
 
-    cfg = small_config(tmp_path, "sft", "sft.lr=1e30", "sft.warmup_steps=0", "sft.max_steps=8",
-                       "sft.grad_clip=1e30")
+    cfg = small_config(
+        tmp_path,
+        "sft",
+        "sft.lr=1e30",
+        "sft.warmup_steps=0",
+        "sft.max_steps=8",
+        "sft.grad_clip=1e30",
+    )
     with pytest.raises(StageFailedError, match=r"steps in a row had a non-finite loss or gradient"):
         run_stage(cfg, "sft", base_model)
 
@@ -132,14 +164,33 @@ def test_rerunning_after_a_kill_resumes_and_matches_an_uninterrupted_run(tmp_pat
     # Uninterrupted reference run, in this process's Ray cluster.
     ref = run_stage(small_config(tmp_path / "ref", "sft", *args), "sft", base_model)
 
-    cmd = [sys.executable, "-m", "rlhf.cli", "run", str(REPO / "configs/tiny_cpu.yaml"),
-           f"run.output_dir={tmp_path / 'kill'}", "run.name=t", "run.stages=[sft]", *TINY,
-           "sft.warmup_steps=1", "sft.micro_batch_size=2", "sft.global_batch_size=8",
-           "sft.eval_interval=2", "sft.log_interval=1", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlhf.cli",
+        "run",
+        str(REPO / "configs/tiny_cpu.yaml"),
+        f"run.output_dir={tmp_path / 'kill'}",
+        "run.name=t",
+        "run.stages=[sft]",
+        *TINY,
+        "sft.warmup_steps=1",
+        "sft.micro_batch_size=2",
+        "sft.global_batch_size=8",
+        "sft.eval_interval=2",
+        "sft.log_interval=1",
+        *args,
+    ]
     env = {**os.environ, "RAY_ADDRESS": ""}
     ckpts = tmp_path / "kill/t/ray_train/sft"
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not list(ckpts.glob("checkpoint_*/manifest.rank1.json")):
         time.sleep(0.5)
@@ -161,15 +212,30 @@ def test_the_reward_model_learns_a_preference_it_can_see(tmp_path, base_model):
     near 1 (the score is read at the right token and the ranking loss has the right sign)."""
 
     def pairs(lo, hi):
-        return "".join(json.dumps({"prompt": f"What is {a}+{a % 7}?", "chosen": str(a + a % 7),
-                                   "rejected": "I do not know."}) + "\n" for a in range(lo, hi))
+        return "".join(
+            json.dumps(
+                {
+                    "prompt": f"What is {a}+{a % 7}?",
+                    "chosen": str(a + a % 7),
+                    "rejected": "I do not know.",
+                }
+            )
+            + "\n"
+            for a in range(lo, hi)
+        )
 
     (tmp_path / "train.jsonl").write_text(pairs(0, 64))
     (tmp_path / "eval.jsonl").write_text(pairs(64, 96))
     cfg = small_config(
-        tmp_path, "rm", f"rm.train_files=[{{path: {tmp_path / 'train.jsonl'}}}]",
-        f"rm.eval_files=[{{path: {tmp_path / 'eval.jsonl'}}}]", "rm.max_steps=24",
-        "rm.eval_interval=24", "rm.save_interval=24", "rm.lr=3e-3", "rm.log_interval=24",
+        tmp_path,
+        "rm",
+        f"rm.train_files=[{{path: {tmp_path / 'train.jsonl'}}}]",
+        f"rm.eval_files=[{{path: {tmp_path / 'eval.jsonl'}}}]",
+        "rm.max_steps=24",
+        "rm.eval_interval=24",
+        "rm.save_interval=24",
+        "rm.lr=3e-3",
+        "rm.log_interval=24",
     )
     run_stage(cfg, "rm", base_model)
     rows = _metrics(cfg.run.dir / "rm")
