@@ -112,7 +112,10 @@ class RLRun:
         policy_dir: str,
         reward_model_dir: str | None,
         critic_init_dir: str | None = None,
+        reward_fn: Any = None,
     ) -> None:
+        """`reward_fn`: a rule `(prompt, response, label) -> float` given directly (the Python
+        API); it replaces `rl.reward.rule` and needs `rl.reward.kind='rule'`."""
         from transformers import AutoTokenizer
 
         from rlhf.algorithms import KL_CONTROLLERS
@@ -126,7 +129,16 @@ class RLRun:
             self.eval_prompts, _ = self._load_prompts(self.rl.eval_prompt_files)
             self.eval_prompts = self.eval_prompts[: self.rl.eval_prompts]
         self.reward_rule = None
-        if self.rl.reward.kind == "rule":
+        if reward_fn is not None:
+            if self.rl.reward.kind != "rule":
+                raise RLStageError(
+                    f"a reward function was passed in, but rl.reward.kind = "
+                    f"{self.rl.reward.kind!r}: set rl.reward.kind=rule to use it"
+                )
+            if not callable(reward_fn):
+                raise RLStageError(f"reward_fn {reward_fn!r} is not callable")
+            self.reward_rule = reward_fn
+        elif self.rl.reward.kind == "rule":
             from rlhf.rl.rewards import RewardError, load_rule
 
             try:
@@ -482,7 +494,9 @@ class RLRun:
         return out
 
 
-def run_rl(cfg: Config, policy_dir: str, reward_model_dir: str | None = None) -> dict:
+def run_rl(
+    cfg: Config, policy_dir: str, reward_model_dir: str | None = None, reward_fn: Any = None
+) -> dict:
     """The RL stage of the pipeline; returns {"model", "wall_s", "metrics"} like run_stage."""
     from rlhf.train.metrics import MetricsWriter
 
@@ -493,7 +507,7 @@ def run_rl(cfg: Config, policy_dir: str, reward_model_dir: str | None = None) ->
     if done.is_file():
         return json.loads(done.read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = RLRun(cfg, policy_dir, reward_model_dir)
+    run = RLRun(cfg, policy_dir, reward_model_dir, reward_fn=reward_fn)
     writer = MetricsWriter(out_dir)
     try:
         writer.log_event("prompts", run.prompt_report)
