@@ -76,25 +76,59 @@ class ActorGroup:
             bundle = {"CPU": cpus_per_actor, **({"GPU": 1.0} if gpus_per_actor else {})}
             self.pg = placement_group([dict(bundle) for _ in range(num_actors)], strategy="PACK")
             ray.get(self.pg.ready(), timeout=120)
-        master = ray.get(_master_address.options(scheduling_strategy=self._strategy(0)).remote())
         remote_cls = ray.remote(actor_cls) if not hasattr(actor_cls, "remote") else actor_cls
-        self.actors = [
-            remote_cls.options(
-                num_cpus=cpus_per_actor if colocate_with is None else 0,
-                num_gpus=gpus_per_actor,
+        self._remote_cls, self._kwargs = remote_cls, actor_kwargs or {}
+        self._cpus = cpus_per_actor if colocate_with is None else 0
+        self._gpus = gpus_per_actor
+        self.restarts = 0  # actors re-created over the group's life
+        self.actors: list = [None] * num_actors
+        self._spawn(range(num_actors))
+
+    def _spawn(self, ranks: Any) -> None:
+        """Start the actors of `ranks` on their bundles; a whole group gets a fresh master port
+        (its torch.distributed group is new)."""
+        ranks = list(ranks)
+        if len(ranks) == self.num_actors or not hasattr(self, "master"):
+            self.master = ray.get(
+                _master_address.options(scheduling_strategy=self._strategy(0)).remote()
+            )
+        for rank in ranks:
+            self.actors[rank] = self._remote_cls.options(
+                num_cpus=self._cpus,
+                num_gpus=self._gpus,
                 scheduling_strategy=self._strategy(rank),
                 runtime_env={
                     "env_vars": {
                         "RANK": str(rank),
-                        "WORLD_SIZE": str(num_actors),
+                        "WORLD_SIZE": str(self.num_actors),
                         "LOCAL_RANK": str(rank),
-                        "MASTER_ADDR": master[0],
-                        "MASTER_PORT": str(master[1]),
+                        "MASTER_ADDR": self.master[0],
+                        "MASTER_PORT": str(self.master[1]),
                     }
                 },
-            ).remote(**(actor_kwargs or {}))
-            for rank in range(num_actors)
-        ]
+            ).remote(**self._kwargs)
+
+    def dead_ranks(self, timeout_s: float = 120.0) -> list[int]:
+        """Ranks whose actor has died (a call on it fails with RayActorError)."""
+        pings = [a.__ray_ready__.remote() for a in self.actors]
+        dead = []
+        for rank, ref in enumerate(pings):
+            try:
+                ray.get(ref, timeout=timeout_s)
+            except ray.exceptions.RayActorError:
+                dead.append(rank)
+        return dead
+
+    def restart(self, ranks: list[int] | None = None) -> None:
+        """Kill (if still alive) and re-create the actors of `ranks` (default: every rank) on
+        the same bundles, and wait until they are ready. Ranks joined in a torch.distributed
+        group must be restarted together."""
+        ranks = list(range(self.num_actors)) if ranks is None else ranks
+        for rank in ranks:
+            ray.kill(self.actors[rank], no_restart=True)
+        self._spawn(ranks)
+        ray.get([self.actors[r].__ray_ready__.remote() for r in ranks])
+        self.restarts += len(ranks)
 
     def _strategy(self, rank: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(

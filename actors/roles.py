@@ -12,6 +12,7 @@ by the driver) and returns its own slice's result as `{"out": tensor, "compute_s
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -79,11 +80,70 @@ def _engine(
     )
 
 
-def _optimizer_steps(rl: Any) -> int:
-    return rl.max_steps * rl.ppo_epochs * (rl.rollout_batch_size // rl.mini_batch_size)
+class _Trained(_Rank):
+    """A role trained through DeepSpeed (policy, critic): checkpoint state and the abort on
+    repeated non-finite updates."""
+
+    engine: Any
+    rl: Any
+    role_name: str
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
+    def save_state(self, path: str, step: int, fingerprint: str) -> float:
+        """This rank's DeepSpeed state (model, optimizer, scheduler) under `path`; rank 0 adds
+        the actor's own state and, after DeepSpeed's closing barrier, the manifest of the whole
+        part. Every rank must call it. Returns the seconds it took."""
+        from pathlib import Path
+
+        from rlhf import engine as eng
+        from rlhf.train.checkpoint import write_manifest
+
+        t0 = time.perf_counter()
+        root = Path(path)
+        eng.save_engine_state(self.engine, root / "engine")
+        if self.rank == 0:
+            state = {"nonfinite_streak": self.nonfinite_streak, **self._extra_state()}
+            (root / "actor_state.json").write_text(json.dumps(state))
+            files = [p for p in root.rglob("*") if p.is_file() and "manifest" not in p.name]
+            write_manifest(root, files, rank=0, world_size=1, step=step, fingerprint=fingerprint)
+        return time.perf_counter() - t0
+
+    def load_state(self, path: str) -> None:
+        from pathlib import Path
+
+        from rlhf import engine as eng
+
+        eng.load_engine_state(self.engine, Path(path) / "engine")
+        state = json.loads((Path(path) / "actor_state.json").read_text())
+        self.nonfinite_streak = state["nonfinite_streak"]
+        self._load_extra_state(state)
+
+    def _check_nonfinite(self, out: dict[str, float]) -> None:
+        """Abort after rl.max_nonfinite_steps RL steps in a row whose updates were all skipped."""
+        from rlhf.train.loop import NonFiniteError
+
+        all_skipped = out[f"{self.role_name}/skipped_steps"] >= _optimizer_steps(self.rl, 1)
+        self.nonfinite_streak = self.nonfinite_streak + 1 if all_skipped else 0
+        if self.nonfinite_streak >= self.rl.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"rl.{self.role_name}: every optimizer step of the last {self.nonfinite_streak} "
+                f"RL steps had a non-finite loss or gradient; lower rl.{self.role_name}.lr or "
+                "check the rewards"
+            )
 
 
-class PolicyActor(_Rank):
+def _optimizer_steps(rl: Any, rl_steps: int | None = None) -> int:
+    """Optimizer steps of `rl_steps` RL steps (default: the whole stage)."""
+    rl_steps = rl.max_steps if rl_steps is None else rl_steps
+    return rl_steps * rl.ppo_epochs * (rl.rollout_batch_size // rl.mini_batch_size)
+
+
+class PolicyActor(_Trained):
     """The trained policy: logprobs, PPO updates, weights for the rollout engines."""
 
     def __init__(self, cfg: Config, model_path: str) -> None:
@@ -109,16 +169,40 @@ class PolicyActor(_Rank):
             )
         self.engine = _engine(model, rl.policy, rl, _optimizer_steps(rl), self.on_gpu, self.world)
         self.model_path = model_path
+        self.role_name = "policy"
         self.version = 0
-        self.ptx = None
+        self.nonfinite_streak = 0
+        self.ptx, self.ptx_rows, self.ptx_drawn = None, None, 0
         if rl.ptx_coef > 0:
             from rlhf.data.stages import prepare_sft
-            from rlhf.rl.worker import ptx_stream
 
             ptx_cfg = cfg.sft.model_copy(update={"train_files": rl.ptx_files, "eval_files": []})
-            rows, _, _ = prepare_sft(ptx_cfg, model_path, seed=cfg.run.seed)
-            self.ptx = ptx_stream(rows, rl.ptx_batch_size, cfg.run.seed + self.rank)
+            self.ptx_rows, _, _ = prepare_sft(ptx_cfg, model_path, seed=cfg.run.seed)
+            self._start_ptx(0)
+        self.seed = cfg.run.seed
         self.weight_sender = None
+
+    def _start_ptx(self, drawn: int) -> None:
+        """The PPO-ptx stream positioned after `drawn` batches (a resumed run continues it)."""
+        from rlhf.rl.worker import ptx_stream
+
+        self.ptx_drawn = drawn
+        stream = ptx_stream(self.ptx_rows, self.rl.ptx_batch_size, self.seed + self.rank, drawn)
+
+        def counted():
+            for rows in stream:
+                self.ptx_drawn += 1
+                yield rows
+
+        self.ptx = counted()
+
+    def _extra_state(self) -> dict:
+        return {"version": self.version, "ptx_drawn": self.ptx_drawn}
+
+    def _load_extra_state(self, state: dict) -> None:
+        self.version = state["version"]
+        if self.ptx_rows is not None:
+            self._start_ptx(state["ptx_drawn"])
 
     def logprobs(self, batch: dict) -> dict:
         from rlhf.rl.worker import my_rows, response_logprobs
@@ -131,7 +215,8 @@ class PolicyActor(_Rank):
         )
         return {"out": out.cpu(), "compute_s": time.perf_counter() - t0}
 
-    def train(self, batch: dict, step: int) -> dict[str, float]:
+    def train(self, batch: dict, step: int, kl_coef: float) -> dict[str, float]:
+        """PPO epochs on the batch; `kl_coef` is the KL controller's live coefficient."""
         from rlhf.rl.worker import policy_update
 
         t0 = time.perf_counter()
@@ -145,8 +230,10 @@ class PolicyActor(_Rank):
             self.world,
             step,
             self.ptx,
+            kl_coef,
         )
         self.version += 1
+        self._check_nonfinite(out)
         out["compute/train_policy_s"] = time.perf_counter() - t0
         return out
 
@@ -262,7 +349,7 @@ class RewardActor(_Rank):
         return {"out": out.cpu(), "compute_s": time.perf_counter() - t0}
 
 
-class CriticActor(_Rank):
+class CriticActor(_Trained):
     """The value model of PPO: values for GAE, and its own regression updates."""
 
     def __init__(self, cfg: Config, model_path: str) -> None:
@@ -280,6 +367,8 @@ class CriticActor(_Rank):
             seed=cfg.run.seed,
         )
         self.engine = _engine(model, rl.critic, rl, _optimizer_steps(rl), self.on_gpu, self.world)
+        self.role_name = "critic"
+        self.nonfinite_streak = 0
 
     def values(self, batch: dict) -> dict:
         from rlhf.rl.worker import my_rows, response_values
@@ -304,6 +393,7 @@ class CriticActor(_Rank):
             self.world,
             step,
         )
+        self._check_nonfinite(out)
         out["compute/train_critic_s"] = time.perf_counter() - t0
         return out
 

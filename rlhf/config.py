@@ -106,8 +106,21 @@ class LoRAConfig(Section):
 
 
 class DataFile(Section):
-    path: str = Field(description="JSONL, JSON, Parquet file or save_to_disk folder.")
+    path: str = Field(
+        description="JSONL, JSON, Parquet file, save_to_disk folder, or a folder of such files."
+    )
     weight: float = Field(1.0, gt=0, description="Mixing weight relative to the other files.")
+    split: str | None = Field(
+        None, description="Split of a saved DatasetDict, or of a dataset folder holding several."
+    )
+
+
+PromptFormat = Literal["auto", "raw", "chat"]
+PROMPT_FORMAT_DOC = (
+    "How prompts become tokens: raw (plain text, no chat template; base models), chat (the "
+    "tokenizer's chat template), auto (chat when the tokenizer has a template)."
+)
+COLUMNS_DOC = "Format field -> the field's name in the data, e.g. {prompt: question}."
 
 
 class TrainStageConfig(Section):
@@ -141,7 +154,34 @@ class TrainStageConfig(Section):
     save_interval: int = Field(50, ge=1, description="Steps between resumable checkpoints.")
     log_interval: int = Field(5, ge=1, description="Steps between metric logs.")
     max_nonfinite_steps: int = Field(3, ge=1, description="Consecutive non-finite steps -> abort.")
+    max_failures: int = Field(
+        2,
+        ge=0,
+        description="Worker failures Ray Train recovers from (the group is re-created and resumes "
+        "from the newest checkpoint); one more ends the stage.",
+    )
+    overfit_patience: int = Field(
+        3,
+        ge=0,
+        description="Warn when the held-out loss rises this many evaluations in a row (0: never).",
+    )
+    select: Literal["best", "last", "auto"] = Field(
+        "auto",
+        description="Exported model: the checkpoint with the lowest held-out loss, the last one, "
+        "or auto (best when the stage has held-out data). best also checkpoints at every "
+        "evaluation.",
+    )
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
+
+    @property
+    def has_heldout(self) -> bool:
+        """Whether the stage evaluates on held-out data."""
+        return bool(self.eval_files)
+
+    @property
+    def select_best(self) -> bool:
+        """Export the checkpoint with the lowest held-out loss (else the last one)."""
+        return self.select == "best" or (self.select == "auto" and self.has_heldout)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainStageConfig:
@@ -160,6 +200,11 @@ class TrainStageConfig(Section):
         if self.warmup_steps >= self.max_steps:
             raise ValueError(
                 f"warmup_steps={self.warmup_steps} must be smaller than max_steps={self.max_steps}"
+            )
+        if self.select == "best" and not self.has_heldout:
+            raise ValueError(
+                "select='best' picks the checkpoint with the lowest held-out loss, but eval_files "
+                "is empty; add held-out files or use select='last'"
             )
         return self
 
@@ -191,15 +236,24 @@ class PretrainConfig(TrainStageConfig):
             raise ValueError("lora.enabled=True: pretraining trains all weights")
         return self
 
+    @property
+    def has_heldout(self) -> bool:
+        """Pretraining always holds out 5% of its packed blocks."""
+        return True
+
 
 class SFTConfig(TrainStageConfig):
     format: Literal["auto", "input_output", "instruction", "messages"] = Field(
         "auto", description="Record format; auto detects it from the keys."
     )
+    prompt_format: PromptFormat = Field("auto", description=PROMPT_FORMAT_DOC)
+    columns: dict[str, str] = Field(default_factory=dict, description=COLUMNS_DOC)
 
 
 class RewardModelConfig(TrainStageConfig):
     format: Literal["auto", "pairwise", "ranked"] = Field("auto", description="Preference format.")
+    prompt_format: PromptFormat = Field("auto", description=PROMPT_FORMAT_DOC)
+    columns: dict[str, str] = Field(default_factory=dict, description=COLUMNS_DOC)
     margin: float = Field(0.0, ge=0, description="Margin in -log sigmoid(r_w - r_l - margin).")
 
 
@@ -209,6 +263,8 @@ class DPOConfig(TrainStageConfig):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO label noise.")
     nll_coef: float = Field(0.0, ge=0, description="Weight of an NLL term on chosen responses.")
     format: Literal["auto", "pairwise", "ranked"] = Field("auto", description="Preference format.")
+    prompt_format: PromptFormat = Field("auto", description=PROMPT_FORMAT_DOC)
+    columns: dict[str, str] = Field(default_factory=dict, description=COLUMNS_DOC)
 
     @model_validator(mode="after")
     def _smoothing_needs_cdpo(self) -> DPOConfig:
@@ -284,6 +340,8 @@ class RLConfig(Section):
     init_from: str | None = Field(None, description="Policy checkpoint; None: the SFT output.")
     prompt_files: list[DataFile] = Field(default_factory=list, description="Training prompts.")
     eval_prompt_files: list[DataFile] = Field(default_factory=list, description="Held-out prompts.")
+    prompt_format: PromptFormat = Field("auto", description=PROMPT_FORMAT_DOC)
+    columns: dict[str, str] = Field(default_factory=dict, description=COLUMNS_DOC)
     on_error: Literal["fail", "skip"] = Field(
         "fail", description="Bad records: stop, or skip+count."
     )
@@ -335,6 +393,19 @@ class RLConfig(Section):
         default_factory=list, description="PPO-ptx data (SFT formats)."
     )
     ptx_batch_size: int = Field(8, ge=1, description="PPO-ptx rows per micro-batch.")
+    save_interval: int = Field(
+        10, ge=1, description="RL steps between resumable checkpoints (policy, critic, driver)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Newest RL checkpoints kept on disk.")
+    max_failures: int = Field(
+        3,
+        ge=0,
+        description="Restarts allowed: policy/critic restores from the newest checkpoint over the "
+        "run, and failed attempts of one step when an engine or frozen role dies.",
+    )
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="RL steps in a row whose updates were all non-finite -> abort."
+    )
     eval_interval: int = Field(10, ge=1, description="Steps between held-out evaluations.")
     eval_prompts: int = Field(200, ge=1, description="Held-out prompts per evaluation.")
     colocate: list[list[Literal["policy", "reference", "critic", "reward_model", "rollout"]]] = (
@@ -498,6 +569,10 @@ class EvalConfig(Section):
         default_factory=list,
         description="Held-out {prompt, label} files scored besides sft.eval_files.",
     )
+    prompt_format: PromptFormat = Field("auto", description=PROMPT_FORMAT_DOC)
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="As rl.columns, for eval.prompt_files."
+    )
     num_prompts: int = Field(
         400, ge=1, description="Held-out prompts each policy answers (at most)."
     )
@@ -513,6 +588,214 @@ class EvalConfig(Section):
     )
 
 
+class ServeConfig(Section):
+    """`rlhf serve`: the policy behind an OpenAI-compatible Ray Serve app, feedback into a database."""
+
+    host: str = Field("127.0.0.1", description="HTTP bind address (Serve's proxy); loopback only.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    token: str | None = Field(
+        None, description="Bearer token every route but /health needs; None: generate one."
+    )
+    num_replicas: int = Field(1, ge=1, description="Replicas (one engine each), no autoscaling.")
+    autoscaling: bool = Field(False, description="Scale between min_replicas and max_replicas.")
+    min_replicas: int = Field(1, ge=0, description="Autoscaling: fewest replicas.")
+    max_replicas: int = Field(2, ge=1, description="Autoscaling: most replicas.")
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, description="Autoscaling: requests in flight per replica to aim for."
+    )
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs per replica (a Ray resource).")
+    gpus_per_replica: float = Field(0.0, ge=0, le=1, description="GPU share per replica.")
+    max_model_len: int = Field(512, ge=16, description="Longest prompt + answer in tokens.")
+    kv_cache_gb: float | None = Field(None, gt=0, description="KV cache; None: vLLM default.")
+    max_tokens: int = Field(64, ge=1, description="Answer length when a request names none.")
+    max_tokens_limit: int = Field(512, ge=1, description="Largest max_tokens a request may ask.")
+    temperature: float = Field(1.0, ge=0, description="Default temperature (0: greedy).")
+    max_batch_size: int = Field(8, ge=1, description="Concurrent requests batched per engine call.")
+    stream_chunk_tokens: int = Field(4, ge=1, description="Streaming: tokens per SSE chunk.")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL (postgresql+psycopg://...); None: SQLite at "
+        "<run dir>/serve/feedback.db.",
+    )
+    model_version: str | None = Field(
+        None, description="Version stamped on answers; None: folder name + weights hash."
+    )
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ServeConfig:
+        if self.autoscaling and self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas={self.min_replicas} must be <= max_replicas={self.max_replicas}"
+            )
+        if self.max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"max_tokens={self.max_tokens} must be <= max_tokens_limit={self.max_tokens_limit}"
+            )
+        return self
+
+
+# ---- monitoring the RL stage ---------------------------------------------------------------------
+
+MONITOR_RULES = (
+    "non_finite",
+    "kl",
+    "reward_zscore",
+    "no_signal",
+    "length",
+    "diversity",
+    "entropy",
+    "logprob_gap",
+    "reward_hacking",
+)
+MonitorAction = Literal["warn", "pause", "stop"]
+
+
+class MonitorRule(Section):
+    """What every monitor rule has: on/off, what a trip does, and how long the condition must last."""
+
+    enabled: bool = Field(True, description="Check this rule after every RL step.")
+    action: MonitorAction = Field(
+        "pause", description="warn: log it; pause: checkpoint, paused.json, exit 3; stop: error."
+    )
+    patience: int = Field(1, ge=1, description="RL steps in a row the condition must hold.")
+
+
+class NonFiniteRule(MonitorRule):
+    action: MonitorAction = Field("stop", description="A NaN/inf metric: stop (exit 2).")
+
+
+class KLRule(MonitorRule):
+    max_per_sequence: float = Field(
+        1.0, gt=0, description="Limit on kl/mean_per_sequence (nats per answer; demo 0.1-0.4)."
+    )
+    patience: int = Field(3, ge=1, description="Steps in a row (single-step k3 spikes happen).")
+
+
+class RewardZScoreRule(MonitorRule):
+    window: int = Field(30, ge=2, description="Previous steps the reward is compared against.")
+    warmup: int = Field(20, ge=2, description="Steps of history needed before the rule checks.")
+    max_abs_z: float = Field(
+        6.0, gt=0, description="|reward/score_mean - window mean| / window std above this trips."
+    )
+    min_std: float = Field(
+        0.01,
+        gt=0,
+        description="Floor on the window std (reward units), so a flat window "
+        "does not turn noise into huge z-scores.",
+    )
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> RewardZScoreRule:
+        if self.warmup > self.window:
+            raise ValueError(f"warmup={self.warmup} must be <= window={self.window}")
+        return self
+
+
+class NoSignalRule(MonitorRule):
+    max_flat_group_frac: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="Limit on reward/flat_group_frac (share of prompt groups "
+        "whose scores all agree: no advantage; the demo has about 0.75).",
+    )
+    zero_std: bool = Field(True, description="Also trip when every reward of the step is equal.")
+    patience: int = Field(5, ge=1, description="RL steps in a row without signal.")
+
+
+class LengthRule(MonitorRule):
+    action: MonitorAction = Field("warn", description="What a trip does.")
+    baseline_steps: int = Field(
+        5, ge=1, description="The first steps whose mean response/length_mean is the baseline."
+    )
+    max_ratio: float = Field(
+        3.0, gt=1, description="Length / baseline above this, or below 1/this, trips."
+    )
+    max_clipped_frac: float = Field(
+        0.5, gt=0, le=1, description="Limit on response/clipped_frac (answers cut at max length)."
+    )
+    patience: int = Field(3, ge=1, description="RL steps in a row.")
+
+
+class DiversityRule(MonitorRule):
+    action: MonitorAction = Field("warn", description="What a trip does.")
+    min_distinct_frac: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="Floor on response/distinct_frac (distinct answers / all; "
+        "1/samples_per_prompt when every prompt gets one repeated answer).",
+    )
+    min_distinct_ngram_frac: float = Field(
+        0.005,
+        ge=0,
+        le=1,
+        description="Floor on response/distinct_ngram_frac (distinct 2-grams "
+        "/ all 2-grams of the step's answers).",
+    )
+    patience: int = Field(3, ge=1, description="RL steps in a row.")
+
+
+class EntropyRule(MonitorRule):
+    action: MonitorAction = Field("warn", description="What a trip does.")
+    min_entropy: float = Field(
+        0.005, ge=0, description="Floor on policy/entropy (nats per response token)."
+    )
+    patience: int = Field(3, ge=1, description="RL steps in a row.")
+
+
+class LogprobGapRule(MonitorRule):
+    action: MonitorAction = Field("warn", description="What a trip does.")
+    max_gap: float = Field(
+        0.02, gt=0, description="Limit on rollout/logprob_gap (rl.rollout.max_logprob_gap stops)."
+    )
+
+
+class RewardHackingRule(MonitorRule):
+    window: int = Field(20, ge=3, description="Steps over which both trends are fitted.")
+    min_gold_drop: float = Field(
+        0.05, gt=0, description="reward/gold_mean must fall by more than this over the window..."
+    )
+    min_score_rise: float = Field(
+        0.0, ge=0, description="...while reward/score_mean rises by more than this."
+    )
+
+
+class MonitorConfig(Section):
+    """Rules checked on every RL step's metrics; each can warn, pause (exit 3) or stop (exit 2)."""
+
+    enabled: bool = Field(True, description="Run the monitor at all.")
+    acknowledge: list[
+        Literal[
+            "non_finite",
+            "kl",
+            "reward_zscore",
+            "no_signal",
+            "length",
+            "diversity",
+            "entropy",
+            "logprob_gap",
+            "reward_hacking",
+        ]
+    ] = Field(
+        default_factory=list,
+        description="Rules demoted to warn, e.g. [kl] to resume past a kl pause unchanged.",
+    )
+    non_finite: NonFiniteRule = Field(default_factory=NonFiniteRule)
+    kl: KLRule = Field(default_factory=KLRule)
+    reward_zscore: RewardZScoreRule = Field(default_factory=RewardZScoreRule)
+    no_signal: NoSignalRule = Field(default_factory=NoSignalRule)
+    length: LengthRule = Field(default_factory=LengthRule)
+    diversity: DiversityRule = Field(default_factory=DiversityRule)
+    entropy: EntropyRule = Field(default_factory=EntropyRule)
+    logprob_gap: LogprobGapRule = Field(default_factory=LogprobGapRule)
+    reward_hacking: RewardHackingRule = Field(default_factory=RewardHackingRule)
+
+    def action_of(self, rule: str) -> str:
+        """The rule's action after acknowledgement: an acknowledged rule only warns."""
+        return "warn" if rule in self.acknowledge else getattr(self, rule).action
+
+
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -523,6 +806,30 @@ class Config(Section):
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _columns_name_format_fields(self) -> Config:
+        from rlhf.data.formats import FORMAT_KEYS, PREFERENCE_FORMATS, SFT_FORMATS
+
+        def fields(formats: tuple[str, ...]) -> set[str]:
+            return set().union(*(FORMAT_KEYS[f][0] | FORMAT_KEYS[f][1] for f in formats))
+
+        for key, formats in [
+            ("sft", SFT_FORMATS),
+            ("rm", PREFERENCE_FORMATS),
+            ("dpo", PREFERENCE_FORMATS),
+            ("rl", ("prompts",)),
+            ("eval", ("prompts",)),
+        ]:
+            known = fields(formats)
+            for name in getattr(self, key).columns:
+                if name not in known:
+                    raise ValueError(
+                        f"{key}.columns: {name!r} is not a field of its formats {sorted(known)}"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _stages_in_order(self) -> Config:

@@ -6,7 +6,9 @@ import pytest
 
 from rlhf.config import Config, ConfigError, load_config
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
+CONFIGS = sorted(
+    Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml")
+)  # not kuberay/ (manifests)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -58,13 +58,20 @@ def kl_loss(
     estimator: str = "k3",
     mode: str = "token_mean",
     normaliser: float | None = None,
+    ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """KL as a loss term (GRPO, Shao et al. 2024): kl_coef * aggregate(k(logprobs, ref)).
+    """KL as a loss term (GRPO, Shao et al. 2024): kl_coef * aggregate(ratio * k(logprobs, ref)).
 
-    logprobs (with grad), ref_logprobs, response_mask: (B, T).
+    logprobs (with grad), ref_logprobs, response_mask, ratio: (B, T). The samples come from the
+    policy that generated them (pi_old); once the policy has moved (a second mini-batch or epoch),
+    k(.) averaged over them estimates the KL of pi_old, not of pi_theta. `ratio` = pi_theta /
+    pi_old per token (detached here: it reweights the samples, it is not differentiated) makes it
+    an importance-weighted estimate of KL(pi_theta || pi_ref); None (or all ones, on-policy) is
+    the plain estimate.
     """
     kl = KL_ESTIMATORS[estimator](logprobs, ref_logprobs)
-    loss = kl_coef * aggregate_loss(kl, response_mask, mode, normaliser)
+    weighted = kl if ratio is None else kl * ratio.detach()
+    loss = kl_coef * aggregate_loss(weighted, response_mask, mode, normaliser)
     return loss, {"kl/mean": masked_mean(kl.detach(), response_mask).item()}
 
 

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -81,7 +83,7 @@ def _advantages(
     batch: dict, scores: Any, ref_parts: list, old_parts: list, value_parts: list, kwargs: dict
 ) -> tuple[dict, dict]:
     from rlhf.algorithms import truncated_is_weights
-    from rlhf.rl.experience import compute_advantages, concat_rows
+    from rlhf.rl.experience import compute_advantages, concat_rows, groups_with_signal
 
     parts = {"ref_logprobs": ref_parts, "old_logprobs": old_parts, "values": value_parts}
     compute = {}
@@ -95,6 +97,8 @@ def _advantages(
             batch[key] = concat_rows([g["out"] for g in got])
             compute[f"compute/{key}_s"] = max(g["compute_s"] for g in got)
     batch, metrics = compute_advantages(batch, **kwargs)
+    signal = groups_with_signal(batch["scores"].tolist(), kwargs["group_size"])
+    metrics["reward/flat_group_frac"] = 1.0 - sum(signal) / max(1, len(signal))
     _, gap = truncated_is_weights(
         batch["old_logprobs"], batch["rollout_logprobs"], batch["response_mask"]
     )
@@ -158,26 +162,36 @@ class RLRun:
 
         self.dispatcher = RolloutDispatcher(self.groups["rollout"].actors)
         self.helper = AdvantageWorker.remote()
-        self.version = 0
+        self.version = 0  # weight updates the engines have received
+        self.steps_done = 0  # RL steps finished (the checkpointed step)
+        self.restarts = 0  # actors re-created after a fault (fault/restarts)
+        self.restores = 0  # trained roles restored from a checkpoint after a fault
+        from rlhf.monitor import Monitor
+
+        self.monitor = Monitor(cfg.monitor)
         self.reload_s = 0.0
         self.prompt_cursor = 0  # prompts taken from the stream so far
         if rl.uses_nccl_sync:
-            self._init_nccl_sync()
+            self.init_nccl_sync()
 
     # ---- set-up -------------------------------------------------------------------------------
 
     def _load_prompts(self, files: list) -> tuple[list[tuple[list[int], str | None, str]], dict]:
         from rlhf.data.records import DataError
+        from rlhf.data.render import render_prompt, resolve_prompt_format
         from rlhf.data.stages import load_prompts
 
         try:
-            items, report = load_prompts(files, self.rl.on_error)
+            items, report = load_prompts(files, self.rl.on_error, self.rl.columns)
+            fmt = resolve_prompt_format(
+                self.rl.prompt_format, self.tok, report["message_lists"], "rl.prompt_format"
+            )
         except DataError as exc:
             raise RLStageError(str(exc)) from None
+        report["prompt_format"] = fmt
         out = []
         for i, (turns, label) in enumerate(items):
-            text = self.tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-            ids = self.tok(text, add_special_tokens=False)["input_ids"]
+            ids = render_prompt(turns, self.tok, fmt)  # as SFT rows and evaluation render it
             if len(ids) > self.rl.max_prompt_length:
                 names = ", ".join(f.path for f in files)
                 raise RLStageError(
@@ -233,7 +247,7 @@ class RLRun:
         ray.get([a.__ray_ready__.remote() for g in groups.values() for a in g.actors])
         return groups
 
-    def _init_nccl_sync(self) -> None:
+    def init_nccl_sync(self) -> None:
         from actors.group import _master_address
 
         engines = self.groups["rollout"].actors
@@ -328,6 +342,7 @@ class RLRun:
             "filter/rounds": float(r + 1),
             "filter/signal_frac": len(rich) / ((r + 1) * k),
             "filter/padded_groups": float(max(0, k - len(rich))),
+            "reward/flat_group_frac": 1.0 - len(rich) / ((r + 1) * k),
             "reward/score_mean": sum(seen) / len(seen),
             "compute/generate_s": generate_s,
         }
@@ -370,12 +385,33 @@ class RLRun:
             scores = [max(-rc.clip, min(rc.clip, s)) for s in scores]
         return scores
 
+    def _gold_mean(self, prompts: list, samples: list) -> dict[str, float]:
+        """`reward/gold_mean`: rl.reward.rule's mean score of the answers, when every prompt has a
+        label (the reward model is the proxy; the rule, the gold standard)."""
+        from rlhf.rl.rewards import RewardError, load_rule, rule_rewards
+
+        labels = [prompts[s.prompt_index][1] for s in samples]
+        if any(label is None for label in labels):
+            return {}
+        try:
+            rule = load_rule(self.rl.reward.rule)
+            texts = [self.tok.decode(s.token_ids, skip_special_tokens=True) for s in samples]
+            questions = [prompts[s.prompt_index][2] for s in samples]
+            scores = rule_rewards(rule, questions, texts, labels)
+        except RewardError:
+            return {}
+        return {"reward/gold_mean": sum(scores) / len(scores)}
+
     def step(self, step: int) -> dict[str, float]:
+        from rlhf.monitor import distinct_ngram_frac
         from rlhf.rl.dispatch import StaleEngineError
+        from rlhf.rl.faults import recoverable
 
         rl, t = self.rl, {}
         t0 = time.perf_counter()
-        _, samples, batch_ref, scores, metrics_rollout = self._rollouts(step, t)
+        prompts, samples, batch_ref, scores, metrics_rollout = self._rollouts(step, t)
+        if rl.reward.kind == "model":  # a rule on the same answers, to catch reward hacking
+            metrics_rollout.update(self._gold_mean(prompts, samples))
         with phase(t, "ref"):
             ref_parts = _wait(self.groups["reference"].call_async("logprobs", batch_ref))
         with phase(t, "logprobs"):
@@ -414,10 +450,17 @@ class RLRun:
                 critic_metrics = ray.get(self.groups["critic"].call_async("train", adv_ref, step))
             metrics.update(critic_metrics[0])
         with phase(t, "train_policy"):
-            policy_metrics = ray.get(self.groups["policy"].call_async("train", adv_ref, step))
+            policy_metrics = ray.get(
+                self.groups["policy"].call_async("train", adv_ref, step, self.kl.value)
+            )
         metrics.update(policy_metrics[0])
         with phase(t, "weight_sync"):
-            self.sync_weights()
+            try:
+                self.sync_weights()
+            except recoverable() as exc:  # the policy has trained: re-sync, don't redo the step
+                from rlhf.rl.faults import resync_after_train
+
+                resync_after_train(self, exc)
         self.kl.update(metrics["kl/mean_per_sequence"], rl.rollout_batch_size)
         if rl.filter_groups:  # the policy's reward is that of everything it generated
             metrics["reward/trained_score_mean"] = metrics["reward/score_mean"]
@@ -431,6 +474,7 @@ class RLRun:
                 "response/clipped_frac": sum(s.finish_reason == "length" for s in samples)
                 / len(samples),
                 "response/distinct_frac": len({tuple(s.token_ids) for s in samples}) / len(samples),
+                "response/distinct_ngram_frac": distinct_ngram_frac([s.token_ids for s in samples]),
                 "policy/version": float(self.version),
             }
         )
@@ -443,9 +487,13 @@ class RLRun:
         return metrics
 
     def sync_weights(self) -> None:
-        """The policy's current weights into every engine; afterwards all report its version."""
-        policy = self.groups["policy"]
+        """The policy's current weights into every engine, as the next version."""
         self.version += 1
+        self.push_weights()
+
+    def push_weights(self) -> None:
+        """The policy's weights into every engine as `self.version`; afterwards all report it."""
+        policy = self.groups["policy"]
         if self.rl.uses_nccl_sync:
             ray.get(policy.call_async("send_weights"))
         else:
@@ -465,6 +513,63 @@ class RLRun:
             raise StaleEngineError(
                 f"after the weight sync engines report versions {versions}, expected {self.version}"
             )
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def trained_groups(self) -> list:
+        return [self.groups[r] for r in ("policy", "critic") if r in self.groups]
+
+    def driver_state(self) -> dict:
+        """What the driver needs to continue exactly; the sampling seeds are a function of
+        (run.seed, step, round), so the step fixes them."""
+        from rlhf.rl.checkpoint import rng_state
+
+        return {
+            "step": self.steps_done,
+            "version": self.version,
+            "prompt_cursor": self.prompt_cursor,
+            "kl_coef": self.kl.value,
+            "monitor": self.monitor.state_dict(),
+            "rng": rng_state(),
+            "seed_schedule": "run.seed * 1000003 + step * 65536 + round * prompts * samples",
+        }
+
+    def save_checkpoint(self, extra: dict) -> tuple[Path, float]:
+        """Every trained rank's state and the driver's, committed atomically; (folder, seconds)."""
+        from rlhf.rl import checkpoint as ck
+
+        t0 = time.perf_counter()
+        root, step, fp = self.stage_dir / "checkpoints", self.steps_done, self.cfg.fingerprint()
+        tmp = ck.tmp_dir(root, step)
+        shutil.rmtree(tmp, ignore_errors=True)
+        refs = [
+            ref
+            for g in self.trained_groups()
+            for ref in g.call_async("save_state", str(tmp / g.role), step, fp)
+        ]
+        ray.get(refs)
+        ck.write_driver_state(tmp, {**self.driver_state(), **extra}, step, fp)
+        final = ck.commit(tmp, root, step, self.rl.keep_checkpoints)
+        return final, time.perf_counter() - t0
+
+    def restore(self, path: Path) -> dict:
+        """Trained roles and driver back to checkpoint `path`; engines get its weights."""
+        from rlhf.rl import checkpoint as ck
+
+        ray.get(
+            [
+                ref
+                for g in self.trained_groups()
+                for ref in g.call_async("load_state", str(path / g.role))
+            ]
+        )
+        state = ck.read_driver_state(path)
+        self.steps_done, self.version = state["step"], state["version"]
+        self.prompt_cursor, self.kl.value = state["prompt_cursor"], state["kl_coef"]
+        ck.set_rng_state(state["rng"])
+        self.monitor.load_state_dict(state["monitor"])
+        self.push_weights()
+        return state
 
     # ---- evaluation ---------------------------------------------------------------------------
 
@@ -497,7 +602,13 @@ class RLRun:
 def run_rl(
     cfg: Config, policy_dir: str, reward_model_dir: str | None = None, reward_fn: Any = None
 ) -> dict:
-    """The RL stage of the pipeline; returns {"model", "wall_s", "metrics"} like run_stage."""
+    """The RL stage of the pipeline; returns {"model", "wall_s", "metrics"} like run_stage.
+
+    Resumes from the newest valid checkpoint under `rl/checkpoints/` when there is one (the
+    metrics log continues from its step); a dead actor is re-created and the step retried
+    (`rlhf/rl/faults.py`).
+    """
+    from rlhf.rl import checkpoint as ck
     from rlhf.train.metrics import MetricsWriter
 
     started = time.time()
@@ -507,32 +618,93 @@ def run_rl(
     if done.is_file():
         return json.loads(done.read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
+    resume = ck.newest(out_dir / "checkpoints")
     run = RLRun(cfg, policy_dir, reward_model_dir, reward_fn=reward_fn)
-    writer = MetricsWriter(out_dir)
+    writer = None
     try:
-        writer.log_event("prompts", run.prompt_report)
-        before = run.evaluate()
-        writer.log(0, {f"rl/{k}": v for k, v in before.items()}, total=rl.max_steps)
-        metrics: dict[str, float] = {}
-        for step in range(rl.max_steps):
-            metrics = run.step(step)
-            last = step + 1 == rl.max_steps
-            if (step + 1) % rl.eval_interval == 0 or last:
-                metrics.update(run.evaluate())
-            writer.log(step + 1, {f"rl/{k}": v for k, v in metrics.items()}, total=rl.max_steps)
+        if resume is not None:
+            state = run.restore(resume)
+            before = state["before"]
+            print(f"== rl: resumed from {resume} (step {run.steps_done})", flush=True)
+            writer = MetricsWriter(out_dir, resume_step=run.steps_done)
+            paused = out_dir / "paused.json"
+            if paused.exists():  # the user has changed the config or acknowledged the rule
+                writer.log_event("resumed_after_pause", json.loads(paused.read_text()))
+                paused.unlink()
+        else:
+            writer = MetricsWriter(out_dir, resume_step=-1)
+            writer.log_event("prompts", run.prompt_report)
+            before = run.evaluate()
+            writer.log(0, {f"rl/{k}": v for k, v in before.items()}, total=rl.max_steps)
+        metrics = _train(run, writer, before)
         model_dir = out_dir / "model"
         tmp = out_dir / "model.tmp"
         ray.get(run.groups["policy"].call_async("save", str(tmp)))
         if model_dir.exists():
-            import shutil
-
             shutil.rmtree(model_dir)
         tmp.rename(model_dir)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         run.shutdown()
     final = {f"rl/{k}": v for k, v in metrics.items()}
     final.update({f"rl/before_{k.split('/', 1)[1]}": v for k, v in before.items()})
     result = {"model": str(model_dir), "wall_s": round(time.time() - started, 1), "metrics": final}
     done.write_text(json.dumps(result, indent=1))
     return result
+
+
+def _watch(run: RLRun, writer: Any, metrics: dict[str, float], before: dict) -> None:
+    """The monitor's rules on this step's metrics: log every event; a `stop` ends the stage
+    (MonitorStop), a `pause` checkpoints this step, writes paused.json and raises PausedRun."""
+    from rlhf.monitor import MonitorStop, PausedRun, blocking, write_pause
+
+    events = run.monitor.check(run.steps_done, metrics)
+    for event in events:
+        writer.log_event("monitor", event.to_dict(), at_step=event.step)
+        print(f"== monitor {event.action}: {event.message}", flush=True)
+    event = blocking(events)
+    if event is None:
+        return
+    if event.action == "stop":
+        raise MonitorStop(event)
+    run.save_checkpoint({"before": before})
+    raise PausedRun(event, write_pause(run.stage_dir, event, run.steps_done))
+
+
+def _train(run: RLRun, writer: Any, before: dict) -> dict[str, float]:
+    """Steps from `run.steps_done` to rl.max_steps: evaluate, log, checkpoint every
+    rl.save_interval steps; a dead actor is recovered and the step retried."""
+    from rlhf.rl.faults import recover, recoverable
+
+    rl = run.rl
+    metrics: dict[str, float] = {}
+    attempts = 0
+    save_s = None  # seconds of the last checkpoint, logged with the next step
+    while run.steps_done < rl.max_steps:
+        step = run.steps_done
+        snapshot = (run.prompt_cursor, run.version, run.kl.value)
+        try:
+            metrics = run.step(step)
+            last = step + 1 == rl.max_steps
+            if (step + 1) % rl.eval_interval == 0 or last:
+                metrics.update(run.evaluate())
+        except recoverable() as exc:
+            attempts += 1
+            restored = recover(run, exc, snapshot, attempts)
+            if restored is not None:  # a trained role: back to its newest checkpoint
+                writer.rewind(restored)
+            continue
+        attempts = 0
+        run.steps_done = step + 1
+        metrics["fault/restarts"] = float(run.restarts)
+        if save_s is not None:
+            metrics["checkpoint/save_s"], save_s = save_s, None
+        writer.log(run.steps_done, {f"rl/{k}": v for k, v in metrics.items()}, total=rl.max_steps)
+        _watch(run, writer, metrics, before)
+        # Logged first: a kill between the two resumes from the previous checkpoint and drops
+        # the lines after it, so no step is logged twice or lost.
+        if run.steps_done % rl.save_interval == 0 and run.steps_done < rl.max_steps:
+            path, save_s = run.save_checkpoint({"before": before})
+            print(f"== rl: checkpoint {path.name} in {save_s:.2f}s", flush=True)
+    return metrics

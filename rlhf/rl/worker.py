@@ -127,8 +127,17 @@ def policy_update(
     world: int,
     step: int,
     ptx_rows: Iterator[dict] | None = None,
+    kl_coef: float | None = None,
 ) -> dict[str, float]:
-    """PPO epochs over shuffled mini-batches: clipped surrogate (+ KL loss, entropy, PPO-ptx)."""
+    """PPO epochs over shuffled mini-batches: clipped surrogate (+ KL loss, entropy, PPO-ptx).
+
+    `kl_coef`: the KL controller's live coefficient (None: the static `rl.kl_coef`).
+    Backward and step go through the training core (`backward_step`): a non-finite loss skips
+    the optimizer step on every rank and is counted in `policy/nonfinite_loss`.
+    """
+    from rlhf.train.loop import backward_step
+
+    kl_coef = rl.kl_coef if kl_coef is None else kl_coef
     micro = role.micro_batch_size
     gas = rl.mini_batch_size // (micro * world)
     sums: dict[str, float] = {}
@@ -167,15 +176,16 @@ def policy_update(
                 )
                 metrics.update(pm)
                 metrics["policy/pg_loss"] = loss.item() * world * gas
-                if not rl.kl_as_reward and rl.kl_coef > 0:
+                if not rl.kl_as_reward and kl_coef > 0:
                     kl_term, km = kl_loss(
                         logp,
                         chunk["ref_logprobs"],
                         mask,
-                        rl.kl_coef,
+                        kl_coef,
                         rl.kl_estimate,
                         rl.loss_mode,
                         norm,
+                        ratio=torch.exp(logp.detach() - chunk["old_logprobs"]) * mask,
                     )
                     loss = loss + kl_term
                     metrics["policy/kl_loss"] = kl_term.item() * world * gas
@@ -190,8 +200,8 @@ def policy_update(
                     ptx_nll = _lm_nll_mean(engine.module, ptx)
                     loss = loss + rl.ptx_coef * ptx_nll / (world * gas)
                     metrics["policy/ptx_loss"] = ptx_nll.item()
-                engine.backward(loss * world * gas)
-                engine.step()
+                _, bad = backward_step(engine, loss, world, gas)
+                metrics["policy/nonfinite_loss"] = float(bad)
                 _add(sums, metrics)
                 count += 1
             skipped += int(_last_step_skipped(engine))
@@ -205,10 +215,13 @@ def critic_update(
     engine: Any, batch: dict, rl: RLConfig, role: TrainRoleConfig, rank: int, world: int, step: int
 ) -> dict[str, float]:
     """Value regression to the GAE returns, PPO2-clipped around the rollout-time values."""
+    from rlhf.train.loop import backward_step
+
     micro = role.micro_batch_size
     gas = rl.mini_batch_size // (micro * world)
     sums: dict[str, float] = {}
     count = 0
+    skipped = 0
     n = batch["input_ids"].shape[0]
     for epoch in range(rl.ppo_epochs):
         for index in minibatches(n, rl.mini_batch_size, seed_of(step, epoch)):
@@ -228,12 +241,14 @@ def critic_update(
                     norm,
                 )
                 metrics["critic/value_loss"] = loss.item() * world * gas
-                engine.backward(loss * world * gas)
-                engine.step()
+                _, bad = backward_step(engine, loss, world, gas)
+                metrics["critic/nonfinite_loss"] = float(bad)
                 _add(sums, metrics)
                 count += 1
+            skipped += int(_last_step_skipped(engine))
     out = _average(sums, count)
     out["critic/lr"] = engine.get_lr()[0]
+    out["critic/skipped_steps"] = float(skipped)
     return out
 
 
@@ -260,14 +275,19 @@ def _last_step_skipped(engine: Any) -> bool:
     return bool(getattr(opt, "last_step_skipped", False))
 
 
-def ptx_stream(rows: Any, batch_size: int, seed: int) -> Iterator[dict]:
-    """Endless shuffled batches of tokenized SFT rows (input_ids, labels) for PPO-ptx."""
+def ptx_stream(rows: Any, batch_size: int, seed: int, start: int = 0) -> Iterator[dict]:
+    """Endless shuffled batches of tokenized SFT rows (input_ids, labels) for PPO-ptx, from
+    batch number `start` on (a new permutation every epoch; a resumed run passes the count it had
+    drawn)."""
     from rlhf.train.tasks import _lm_collate
 
-    epoch = 0
+    per_epoch = len(rows) // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"PPO-ptx: {len(rows)} rows < rl.ptx_batch_size = {batch_size}")
+    epoch, skip = divmod(start, per_epoch)
     while True:
         gen = torch.Generator().manual_seed(seed + epoch)
         order = torch.randperm(len(rows), generator=gen).tolist()
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield _lm_collate([rows[i] for i in order[start : start + batch_size]])
-        epoch += 1
+        for b in range(skip, per_epoch):
+            yield _lm_collate([rows[i] for i in order[b * batch_size : (b + 1) * batch_size]])
+        epoch, skip = epoch + 1, 0

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 MANIFEST_GLOB = "manifest.rank*.json"
@@ -86,11 +87,16 @@ def validate_checkpoint(root: Path) -> tuple[bool, str, int]:
     return True, "ok", steps.pop()
 
 
-def newest_valid_checkpoint(folders: list[Path]) -> Path | None:
-    """Newest (highest step) valid folder; None if there are none; raise if none validates."""
+def newest_valid_checkpoint(
+    folders: list[Path], validate: Callable[[Path], tuple[bool, str, int]] | None = None
+) -> Path | None:
+    """Newest (highest step) valid folder; None if there are none; raise if none validates.
+
+    `validate` checks one folder (default `validate_checkpoint`; the RL stage checks every part).
+    """
     if not folders:
         return None
-    checked = [(p, *validate_checkpoint(p)) for p in folders]
+    checked = [(p, *(validate or validate_checkpoint)(p)) for p in folders]
     valid = [(step, p) for p, ok, _, step in checked if ok]
     if not valid:
         reasons = "; ".join(f"{p.name}: {why}" for p, _, why, _ in checked)

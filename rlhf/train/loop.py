@@ -3,7 +3,9 @@
 Runs inside each `TorchTrainer` worker. A stage plugs in through a `StageTask` (rlhf/train/tasks.py):
 how to load its data, build its model, compute its loss and evaluation sums, and export weights.
 The loop owns everything else: the data order, gradient accumulation, DeepSpeed, evaluation,
-non-finite guards, metrics, and checkpoints that resume exactly.
+non-finite guards, metrics, and checkpoints that resume exactly. Held-out losses are kept in the
+trainer state: rising `overfit_patience` evaluations in a row warns (a `monitor` event), and with
+`select=best` every evaluation is a checkpoint whose loss picks the exported model.
 
 Data order: the sample at stream position p is `perm(seed + p // N)[p % N]`, so step s reads
 positions [s*G, (s+1)*G) whatever the number of workers. Each rank takes every world-th micro-batch
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ import torch.distributed as dist
 
 from rlhf import engine as eng
 from rlhf.config import Config
+from rlhf.monitor import overfit_event
 from rlhf.train.checkpoint import write_manifest
 from rlhf.train.metrics import MetricsWriter
 from rlhf.train.tasks import TASKS, StageTask
@@ -42,11 +46,17 @@ class StageData:
 
     @classmethod
     def load(cls, folder: Path) -> StageData:
+        """An empty split (no held-out files) loads as []: `datasets` saves no table for zero
+        rows and then cannot load the folder."""
         from datasets import load_from_disk
 
+        def split(path: Path) -> Any:
+            state = json.loads((path / "state.json").read_text())
+            return load_from_disk(str(path)) if state["_data_files"] else []
+
         return cls(
-            load_from_disk(str(folder / "train")),
-            load_from_disk(str(folder / "eval")),
+            split(folder / "train"),
+            split(folder / "eval"),
             json.loads((folder / "report.json").read_text()),
         )
 
@@ -86,7 +96,12 @@ def _all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
 def evaluate(
     task: StageTask, model: torch.nn.Module, eval_ds: Any, rank: int, world: int, batch_size: int
 ) -> dict[str, float]:
-    """Sharded evaluation: each rank sums over its slice, sums are all-reduced, then finished."""
+    """Sharded evaluation: each rank sums over its slice, sums are all-reduced, then finished.
+
+    No held-out samples (every rank sees the same split): no evaluation, no metrics.
+    """
+    if len(eval_ds) == 0:
+        return {}
     model.eval()
     sums: dict[str, float] = {}
     ids = list(range(rank, len(eval_ds), world))
@@ -135,6 +150,9 @@ def train_stage(loop_config: dict) -> None:
         loop_config["init_dir"],
         loop_config.get("resume_dir"),
     )
+    restarted = ray.train.get_checkpoint()
+    if restarted is not None:  # Ray Train re-created the workers after a failure
+        resume_dir = restarted.path
     scfg = getattr(cfg, stage)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -166,11 +184,35 @@ def train_stage(loop_config: dict) -> None:
         state = json.loads((Path(resume_dir) / "trainer_state.json").read_text())
         torch.manual_seed(cfg.run.seed + state["step"])
 
-    writer = MetricsWriter(Path(loop_config["stage_dir"]), enabled=rank == 0)
+    # Lines logged after the resumed step are dropped: those steps run again.
+    writer = MetricsWriter(
+        Path(loop_config["stage_dir"]),
+        enabled=rank == 0,
+        resume_step=state["step"] if resume_dir else -1,
+    )
     if rank == 0 and not resume_dir:
         writer.log_event("data", data.report)
     _run_steps(task, engine, data, cfg, stage, state, rank, world, writer, init_dir)
     writer.close()
+
+
+def backward_step(engine: Any, loss: torch.Tensor, world: int, gas: int) -> tuple[Any, bool]:
+    """One micro-batch's backward and DeepSpeed step, shared by the offline stages and the RL
+    policy / critic updates; returns (the loss used, whether it was non-finite anywhere).
+
+    `loss` is normalised by the global batch's count; DeepSpeed averages gradients over ranks and
+    divides by `gas`, so `* world * gas` undoes both and the summed gradient equals d(sum of
+    per-token losses / global count) for 1 or N ranks. A non-finite loss on any rank (all ranks
+    agree, so every rank takes the same branch) is replaced by a zero that keeps DeepSpeed's
+    accumulation bookkeeping, and the optimizer skips the step (`GuardedAdamW.force_skip`).
+    """
+    bad = _all_reduce_sum({"bad": float(not torch.isfinite(loss).item())})["bad"] > 0
+    if bad:
+        optimizer_of(engine).force_skip = True
+        loss = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
+    engine.backward(loss * world * gas)
+    engine.step()
+    return loss, bad
 
 
 def _train_step(
@@ -188,20 +230,27 @@ def _train_step(
         start = (k * world + rank) * mb
         batch = task.collate(rows[start : start + mb])
         loss, metrics = task.loss(engine.module, batch, norm)
-        # Every rank must take the same branch: agree on whether any rank's loss is bad.
-        bad = _all_reduce_sum({"bad": float(not torch.isfinite(loss).item())})["bad"] > 0
-        if bad:
-            # A zero loss keeps DeepSpeed's accumulation bookkeeping; the optimizer skips.
-            sums["nonfinite_loss"] += 1.0 / world
-            optimizer_of(engine).force_skip = True
-            loss = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
-        # DeepSpeed averages gradients over ranks and divides by `gas`; undo both so the summed
-        # gradient equals d(sum of per-token losses / global tokens).
-        engine.backward(loss * world * gas)
-        engine.step()
+        loss, bad = backward_step(engine, loss, world, gas)
+        sums["nonfinite_loss"] += float(bad) / world
         for key, v in {"loss": loss.item(), **metrics}.items():
             sums[key] = sums.get(key, 0.0) + float(v)
     return _all_reduce_sum(sums)
+
+
+def _watch_overfitting(
+    stage: str, patience: int, state: dict, ev: dict[str, float], writer: MetricsWriter
+) -> None:
+    """Keep the held-out losses in the trainer state (checkpointed, so a resume keeps them and
+    the exported checkpoint can be chosen by them); warn when they rise `patience` times in a
+    row, printed and as a `monitor` event in metrics.jsonl."""
+    if "loss" not in ev:
+        return
+    state.setdefault("evals", []).append([state["step"], ev["loss"]])
+    event = overfit_event(stage, state["evals"], patience)
+    if event is not None and writer.enabled:
+        writer.log_event("monitor", event.to_dict(), at_step=event.step)
+        sys.stdout.write(f"warning: {event.message}\n")
+        sys.stdout.flush()
 
 
 def _run_steps(
@@ -250,12 +299,17 @@ def _run_steps(
         if tokens:  # language-modelling stages count tokens; preference stages count pairs
             metrics[f"{stage}/tokens_per_s"] = tokens / max(1e-9, time.time() - t_start)
         last = state["step"] == scfg.max_steps
-        if state["step"] % scfg.eval_interval == 0 or last:
+        at_eval = state["step"] % scfg.eval_interval == 0 or last
+        at_save = state["step"] % scfg.save_interval == 0 or last
+        if scfg.select_best:  # every evaluation is a candidate checkpoint, every checkpoint scored
+            at_eval = at_save = at_eval or at_save
+        if at_eval:
             ev = evaluate(task, engine.module, data.eval, rank, world, scfg.micro_batch_size)
             metrics.update({f"{stage}/eval_{k}": v for k, v in ev.items()})
+            _watch_overfitting(stage, scfg.overfit_patience, state, ev, writer)
         if state["step"] % scfg.log_interval == 0 or last or state["step"] == 1:
             writer.log(state["step"], metrics, total=scfg.max_steps)
-        if state["step"] % scfg.save_interval == 0 or last:
+        if at_save:
             # Only checkpoints go through Ray Train: a report is a synchronous round trip to the
             # controller (it cost ~75% of a tiny-model step); metrics go to our own writer.
             ckpt = _save(engine, task, state, cfg, stage, rank, world, init_dir)

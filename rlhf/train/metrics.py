@@ -15,16 +15,47 @@ from typing import Any
 
 
 class MetricsWriter:
-    def __init__(self, stage_dir: Path, enabled: bool = True) -> None:
+    """`resume_step`: None appends to what is there; a step s first drops every line logged
+    after step s (a resumed run re-does those steps) and TensorBoard's events from step s + 1
+    on, so each step is logged once; -1 starts both afresh."""
+
+    def __init__(self, stage_dir: Path, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self.t0 = time.time()
+        self.stage_dir = stage_dir
         if not enabled:
             return
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        self._open(resume_step)
+
+    def _open(self, resume_step: int | None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(stage_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        self.tb = SummaryWriter(str(stage_dir / "tensorboard"))
+        path = self.stage_dir / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            kept = []
+            for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+                try:
+                    record = json.loads(line)
+                    step = record.get("step", record.get("at_step", -1))
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    break
+                if resume_step < 0 or step > resume_step:
+                    break
+                kept.append(line)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            tmp.replace(path)
+        self.jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        purge = None if resume_step is None else resume_step + 1
+        self.tb = SummaryWriter(str(self.stage_dir / "tensorboard"), purge_step=purge)
+
+    def rewind(self, step: int) -> None:
+        """Continue as if only steps up to `step` had been logged (a restore from a checkpoint
+        in the same process)."""
+        if self.enabled:
+            self.close()
+            self._open(step)
 
     def log(self, step: int, metrics: dict[str, float], total: int | None = None) -> None:
         if not self.enabled:
@@ -40,11 +71,13 @@ class MetricsWriter:
         sys.stdout.write(progress_line(step, total, clean, time.time() - self.t0) + "\n")
         sys.stdout.flush()
 
-    def log_event(self, name: str, payload: Any) -> None:
+    def log_event(self, name: str, payload: Any, at_step: int | None = None) -> None:
+        """An event line; `at_step` ties it to a step, so a resume before that step drops it."""
         if self.enabled:
-            self.jsonl.write(
-                json.dumps({"event": name, "time": time.time(), "data": payload}) + "\n"
-            )
+            line = {"event": name, "time": time.time(), "data": payload}
+            if at_step is not None:
+                line["at_step"] = at_step
+            self.jsonl.write(json.dumps(line) + "\n")
             self.jsonl.flush()
 
     def close(self) -> None:

@@ -5,18 +5,26 @@
 The driver prepares and validates the stage's data once (bad input fails here, before any worker
 starts) and saves it next to the stage; the workers load it from disk. Every checkpoint a worker
 reports lands in `<run>/ray_train/<stage>/checkpoint_*`; re-running the same command resumes from
-the newest one that validates. When the stage ends its HF export is committed atomically to
-`<run>/<stage>/model` and `<run>/<stage>/done.json` marks it finished, so a re-run skips it.
+the newest one that validates. When the stage ends, the HF export of the chosen checkpoint is
+committed atomically to `<run>/<stage>/model` and `<run>/<stage>/done.json` marks it finished, so
+a re-run skips it. `<stage>.select`: best (the lowest held-out loss; Ray keeps that checkpoint
+besides the newest), last, or auto (best when the stage has held-out data).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 from rlhf.config import Config
-from rlhf.train.checkpoint import CheckpointError, commit_dir, newest_valid_checkpoint
+from rlhf.train.checkpoint import (
+    CheckpointError,
+    commit_dir,
+    newest_valid_checkpoint,
+    validate_checkpoint,
+)
 from rlhf.train.tasks import TASKS
 
 
@@ -86,22 +94,34 @@ def run_stage(cfg: Config, stage: str, init_dir: str) -> dict:
         run_config=RunConfig(
             name=stage,
             storage_path=str(storage),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=0),
+            # select=best: Ray keeps the 2 lowest held-out losses besides the newest checkpoint
+            # (which resume needs), so the best one is still there to export at the end.
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2,
+                checkpoint_score_attribute=f"{stage}/eval_loss" if scfg.select_best else None,
+                checkpoint_score_order="min",
+            ),
+            # A dead worker: Ray Train re-creates the group, which resumes from the newest
+            # checkpoint reported (train_stage reads it), up to <stage>.max_failures times.
+            failure_config=FailureConfig(max_failures=scfg.max_failures),
         ),
     )
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; surface the root cause, not the wrapper.
         raise StageFailedError(f"{stage} failed: {_root_cause(exc)}") from exc
-    final = newest_valid_checkpoint(sorted((storage / stage).glob("checkpoint_*")))
+    folders = sorted((storage / stage).glob("checkpoint_*"))
+    final = best_checkpoint(folders) if scfg.select_best else newest_valid_checkpoint(folders)
     if final is None:
         raise CheckpointError(f"{stage}: finished without a checkpoint under {storage / stage}")
+    selected = _selected(final, scfg.select_best)
+    print(f"== {stage}: exporting {selected['why']}", flush=True)
     commit_dir(final / "model", stage_dir / "model")
     summary = {
         "stage": stage,
         "model": str(stage_dir / "model"),
         "init_from": str(init_dir),
+        "selected": selected,
         "wall_s": round(time.time() - t0, 1),
         "metrics": {k: v for k, v in (result.metrics or {}).items() if k.startswith(stage)},
         "data": report,
@@ -110,6 +130,40 @@ def run_stage(cfg: Config, stage: str, init_dir: str) -> dict:
     tmp.write_text(json.dumps(summary, indent=1))
     tmp.rename(done)
     return summary
+
+
+def checkpoint_score(folder: Path) -> tuple[int, float | None]:
+    """(step, held-out loss measured at that step or None) from a checkpoint's trainer state."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return -1, None
+    step, evals = state.get("step", -1), state.get("evals") or []
+    if evals and evals[-1][0] == step and math.isfinite(evals[-1][1]):
+        return step, float(evals[-1][1])
+    return step, None
+
+
+def best_checkpoint(folders: list[Path]) -> Path | None:
+    """The valid checkpoint with the lowest held-out loss (the later one on a tie); the newest
+    valid one when none was scored; None without folders; raises when none validates."""
+    scored = [(loss, -step, p) for p in folders for step, loss in [checkpoint_score(p)]]
+    for _, _, folder in sorted(x for x in scored if x[0] is not None):
+        if validate_checkpoint(folder)[0]:
+            return folder
+    return newest_valid_checkpoint(folders)
+
+
+def _selected(folder: Path, best: bool) -> dict:
+    step, loss = checkpoint_score(folder)
+    shown = f", held-out loss {loss:.4g}" if loss is not None else ""
+    kind = "the checkpoint with the lowest held-out loss" if best else "the last checkpoint"
+    return {
+        "select": "best" if best else "last",
+        "step": step,
+        "eval_loss": loss,
+        "why": f"{kind}: step {step}{shown}",
+    }
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -62,3 +62,20 @@ def test_adaptive_controller_raises_beta_above_target_with_clipped_error():
     ctl2 = AdaptiveKLController(0.1, target=6.0, horizon=10000)
     assert ctl2.update(3.0, 256) < 0.1
     assert FixedKLController(0.05).update(100.0, 256) == 0.05
+
+
+def test_kl_loss_weights_each_token_by_the_detached_importance_ratio():
+    logp = torch.tensor([[math.log(0.5), math.log(0.5)]], requires_grad=True)
+    ref = torch.tensor([[math.log(0.25), math.log(0.5)]])
+    mask = torch.ones(1, 2)
+    # k3 per token: [0.5 - 1 + log 2, 0]; ratios [2, 1]: token_mean = (2 * 0.193 + 0) / 2
+    ratio = torch.tensor([[2.0, 1.0]])
+    weighted, _ = kl_loss(logp, ref, mask, kl_coef=1.0, ratio=ratio)
+    assert weighted.item() == pytest.approx((0.5 - 1 + math.log(2)) * 2 / 2)
+    plain, _ = kl_loss(logp, ref, mask, kl_coef=1.0)
+    on_policy, _ = kl_loss(logp, ref, mask, kl_coef=1.0, ratio=torch.ones(1, 2))
+    assert on_policy.item() == pytest.approx(plain.item())
+    # The ratio reweights samples; it is not differentiated: the gradient is ratio * dk3.
+    (g_weighted,) = torch.autograd.grad(weighted, logp)
+    (g_plain,) = torch.autograd.grad(plain, logp)
+    assert torch.allclose(g_weighted, g_plain * ratio)
