@@ -3,7 +3,8 @@
     rlhf run configs/tiny_cpu.yaml   # pretrain -> SFT -> reward model; SFT -> DPO; SFT -> PPO
 
 Phases, each timed: start Ray, build (or locate) the base model, run the configured stages as Ray
-Train jobs, evaluate the policies on held-out prompts, write `summary.json` and print a table.
+Train jobs, evaluate the policies on held-out prompts, write `summary.json`, print a table and
+write `report.html` (rlhf/report.py).
 Stage inputs: pretrain starts from the base model; SFT from pretrain (else the base); the reward
 model, DPO and RL from SFT (else the latest stage). `<stage>.init_from` overrides any of these.
 """
@@ -14,6 +15,7 @@ import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from rlhf.config import Config
 
@@ -63,10 +65,30 @@ def stage_input(cfg: Config, stage: str, outputs: dict[str, str], base: str) -> 
     return base
 
 
-def run_pipeline(cfg: Config) -> dict:
+def run_one_stage(
+    cfg: Config, stage: str, outputs: dict[str, str], base: str, reward_fn: Any = None
+) -> dict:
+    """Train one stage from its input (see the module docstring); its done.json summary."""
+    if stage == "rl":
+        from rlhf.rl.trainer import run_rl
+
+        rm_dir = cfg.rl.reward.model_path or outputs.get("rm")
+        return run_rl(cfg, stage_input(cfg, stage, outputs, base), rm_dir, reward_fn=reward_fn)
+    from rlhf.train.trainer import run_stage
+
+    return run_stage(cfg, stage, stage_input(cfg, stage, outputs, base))
+
+
+def run_pipeline(
+    cfg: Config,
+    reward_fn: Any = None,
+    stages: list[str] | None = None,
+    outputs: dict[str, str] | None = None,
+) -> dict:
+    """Run `stages` (default: run.stages) and evaluate; `reward_fn` (prompt, response, label) ->
+    float replaces rl.reward.rule; `outputs` (stage -> model) are earlier stages' checkpoints."""
     from rlhf.evaluate import evaluate_pipeline
     from rlhf.runtime import init_ray
-    from rlhf.train.trainer import run_stage
 
     timings: dict[str, float] = {}
     run_dir = cfg.run.dir
@@ -81,24 +103,29 @@ def run_pipeline(cfg: Config) -> dict:
         )
     with timed(timings, "base_model"):
         base = base_model(cfg)
-    outputs: dict[str, str] = {}
-    stages: dict[str, dict] = {}
-    for stage in cfg.run.stages:
+    outputs = dict(outputs or {})
+    results: dict[str, dict] = {}
+    for stage in cfg.run.stages if stages is None else stages:
         with timed(timings, stage):
-            if stage == "rl":
-                from rlhf.rl.trainer import run_rl
-
-                rm_dir = cfg.rl.reward.model_path or outputs.get("rm")
-                stages[stage] = run_rl(cfg, stage_input(cfg, stage, outputs, base), rm_dir)
-            else:
-                stages[stage] = run_stage(cfg, stage, stage_input(cfg, stage, outputs, base))
-        outputs[stage] = stages[stage]["model"]
+            results[stage] = run_one_stage(cfg, stage, outputs, base, reward_fn)
+        outputs[stage] = results[stage]["model"]
     with timed(timings, "evaluate"):
         evaluation = evaluate_pipeline(cfg, base, outputs)
-    summary = {"run": str(run_dir), "timings": timings, "stages": stages, "evaluation": evaluation}
+    summary = {"run": str(run_dir), "timings": timings, "stages": results, "evaluation": evaluation}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print_summary(summary)
+    write_report(run_dir)
     return summary
+
+
+def write_report(run_dir: Path) -> None:
+    """`<run_dir>/report.html`; a failure is printed, never raised: the results are on disk."""
+    try:
+        from rlhf.report import build_report
+
+        print(f"report: {build_report(run_dir)}", flush=True)
+    except Exception as exc:  # a broken report must not lose a finished run
+        print(f"warning: report.html not written: {type(exc).__name__}: {exc}", flush=True)
 
 
 def print_summary(summary: dict) -> None:
