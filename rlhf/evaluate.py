@@ -8,7 +8,8 @@ with `eval.samples > 0`, by sampling; an answer is correct when it equals the re
 after stripping whitespace (the demo task's exact-match rule). DPO and RL policies are compared
 with SFT on the same prompts: questions fixed and broken, exact McNemar and Wilcoxon p-values, and
 win rate = (wins + ties / 2) / prompts, where a win is a question only the compared policy gets
-right; when a reward model was trained it also judges the pair of greedy answers.
+right; when a reward model was trained it also judges the pair of greedy answers. Prompts are
+rendered by `eval.prompt_format` with the rule SFT and RL use (rlhf/data/render.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,26 @@ def exact_match(answer: str, label: str) -> bool:
     return answer.strip() == label.strip()
 
 
+def _tokenizer(model_dir: str, prompt_format: str, message_lists: int) -> tuple[Any, str]:
+    """The model's tokenizer and the prompt format resolved for it (`raw` or `chat`)."""
+    from transformers import AutoTokenizer
+
+    from rlhf.data.render import resolve_prompt_format
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return tok, resolve_prompt_format(prompt_format, tok, message_lists, "eval.prompt_format")
+
+
+def encode_prompts(
+    model_dir: str, prompts: list[list[dict]], prompt_format: str = "auto", message_lists: int = 0
+) -> tuple[Any, list[list[int]]]:
+    """The model's tokenizer and the prompts' token ids, rendered as SFT and RL render them."""
+    from rlhf.data.render import render_prompt
+
+    tok, fmt = _tokenizer(model_dir, prompt_format, message_lists)
+    return tok, [render_prompt(p, tok, fmt) for p in prompts]
+
+
 def policy_answers(
     model_dir: str,
     prompts: list[list[dict]],
@@ -32,27 +53,23 @@ def policy_answers(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 32,
+    prompt_format: str = "auto",
+    message_lists: int = 0,
 ) -> tuple[list[str], list[list[str]]]:
-    """Greedy answers to chat prompts and `num_samples` sampled ones each (transformers, left
-    padding, stop at EOS): (greedy, sampled), the model loaded once."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Greedy answers to prompts (lists of turns, rendered by `prompt_format`) and `num_samples`
+    sampled ones each (transformers, left padding, stop at EOS): (greedy, sampled), the model
+    loaded once. `message_lists`: how many prompts came as lists of turns (for `auto`)."""
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok, rendered = encode_prompts(model_dir, prompts, prompt_format, message_lists)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    texts = [
-        tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts
-    ]
 
     def generate(**sampling) -> list[str]:
         out: list[str] = []
-        for i in range(0, len(texts), batch_size):
-            enc = tok(
-                texts[i : i + batch_size],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=False,
-            )
+        for i in range(0, len(rendered), batch_size):
+            batch = [{"input_ids": ids} for ids in rendered[i : i + batch_size]]
+            enc = tok.pad(batch, padding=True, return_tensors="pt")
             ids = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
@@ -82,27 +99,28 @@ def policy_answers(
 
 
 def reward_scores(
-    rm_dir: str, prompts: list[list[dict]], answers: list[str], batch_size: int = 64
+    rm_dir: str,
+    prompts: list[list[dict]],
+    answers: list[str],
+    batch_size: int = 64,
+    prompt_format: str = "auto",
+    message_lists: int = 0,
 ) -> list[float]:
-    from transformers import AutoTokenizer
-
+    """Reward-model scores of (prompt, answer) pairs, tokenized as the RM's training rows."""
+    from rlhf.data.render import tokenize_example
     from rlhf.models.factory import load_reward_model, sequence_rewards
 
-    tok = AutoTokenizer.from_pretrained(rm_dir)
+    tok, fmt = _tokenizer(rm_dir, prompt_format, message_lists)
     model = load_reward_model(rm_dir).eval()
-    texts = [
-        tok.apply_chat_template([*p, {"role": "assistant", "content": a}], tokenize=False)
+    rows = [
+        tokenize_example([*p, {"role": "assistant", "content": a}], tok, fmt)[0]
         for p, a in zip(prompts, answers)
     ]
     scores: list[float] = []
     with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            enc = tok(
-                texts[i : i + batch_size],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=False,
-            )
+        for i in range(0, len(rows), batch_size):
+            batch = [{"input_ids": ids} for ids in rows[i : i + batch_size]]
+            enc = tok.pad(batch, padding=True, return_tensors="pt")
             scores.extend(sequence_rewards(model, enc["input_ids"], enc["attention_mask"]).tolist())
     return scores
 
@@ -141,24 +159,30 @@ def paired_p(a: list[float], b: list[float]) -> float:
     return float(wilcoxon(a, b).pvalue)
 
 
-def load_scored_prompts(cfg: Config) -> tuple[list[list[dict]], list[str]]:
-    """Held-out chats and reference answers: sft.eval_files, then eval.prompt_files."""
+def load_scored_prompts(cfg: Config) -> tuple[list[list[dict]], list[str], int]:
+    """Held-out chats and reference answers: sft.eval_files (read with sft.columns), then
+    eval.prompt_files (eval.columns); and how many records were lists of turns."""
     from rlhf.data import DataError
     from rlhf.data.stages import load_eval_prompts, load_prompts
 
-    prompts, labels = load_eval_prompts(cfg.sft) if cfg.sft.eval_files else ([], [])
+    prompts, labels, message_lists = [], [], 0
+    if cfg.sft.eval_files:
+        prompts, labels, report = load_eval_prompts(cfg.sft)
+        message_lists += report["message_lists"]
+    label_key = cfg.eval.columns.get("label", "label")
     for f in cfg.eval.prompt_files:
-        items, _ = load_prompts([f])
+        items, report = load_prompts([f], columns=cfg.eval.columns)
+        message_lists += report["message_lists"]
         for i, (turns, label) in enumerate(items):
             if label is None:
                 raise DataError(
-                    f"{f.path}: record {i + 1}: no 'label': eval.prompt_files need "
+                    f"{f.path}: record {i + 1}: no {label_key!r}: eval.prompt_files need "
                     "the reference answer to score against"
                 )
             prompts.append(turns)
             labels.append(label)
     n = cfg.eval.num_prompts
-    return prompts[:n], labels[:n]
+    return prompts[:n], labels[:n], message_lists
 
 
 def evaluate_policies(
@@ -176,15 +200,16 @@ def evaluate_policies(
     match; reward-model scores with `rm_dir`), and paired p-values (exact McNemar on greedy
     answers, Wilcoxon signed-rank on per-question sampled accuracy).
     """
-    prompts, labels = load_scored_prompts(cfg)
+    prompts, labels, message_lists = load_scored_prompts(cfg)
     if not prompts:
         return {}
     ev = cfg.eval
+    rendering = {"prompt_format": ev.prompt_format, "message_lists": message_lists}
     results: dict[str, Any] = {"eval/num_prompts": len(prompts)}
     answers, correct, sampled = {}, {}, {}
     for name, path in policies.items():
         answers[name], got = policy_answers(
-            path, prompts, ev.max_new_tokens, ev.samples, ev.temperature, cfg.run.seed
+            path, prompts, ev.max_new_tokens, ev.samples, ev.temperature, cfg.run.seed, **rendering
         )
         correct[name] = [exact_match(a, y) for a, y in zip(answers[name], labels)]
         results[f"eval/{name}_accuracy"] = round(sum(correct[name]) / len(prompts), 4)
@@ -208,8 +233,8 @@ def evaluate_policies(
             results[f"{key}_sampled_p"] = float(f"{paired_p(sampled[baseline], sampled[name]):.3g}")
         if rm_dir:
             if baseline_rm is None:
-                baseline_rm = reward_scores(rm_dir, prompts, answers[baseline])
-            mine = reward_scores(rm_dir, prompts, answers[name])
+                baseline_rm = reward_scores(rm_dir, prompts, answers[baseline], **rendering)
+            mine = reward_scores(rm_dir, prompts, answers[name], **rendering)
             results[f"{key}_win_rate_rm"] = round(win_rate(mine, baseline_rm), 4)
     return results
 

@@ -16,6 +16,12 @@ unless `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` (the single-machine mode Ray uses o
 Windows), in which case it is 127.0.0.1. `init_ray` turns that mode on for embedded clusters (and
 checks the node IP afterwards) and for joining a cluster at a loopback address, which Ray would
 otherwise rewrite to the routable address, where nothing listens.
+
+torch.distributed follows no node IP: rank 0's TCPStore (every process group's rendezvous: Ray
+Train workers, RL role actors) listens on all interfaces whatever MASTER_ADDR says, and gloo on
+the address the host name resolves to. In loopback mode every Ray worker of the job therefore runs
+`bind_stores_to_loopback` at start (`worker_process_setup_hook`): a store whose MASTER_ADDR is a
+loopback address listens there only, and gloo uses the loopback interface (GLOO_SOCKET_IFNAME).
 """
 
 from __future__ import annotations
@@ -67,9 +73,11 @@ def init_ray(
     if join is not None:
         if _is_loopback_cluster(join):
             _loopback_only()  # else Ray rewrites 127.0.0.1 to this machine's routable address
+            runtime_env = _with_loopback_hook(runtime_env)
         ray.init(address=join, runtime_env=runtime_env)
         return join
     _loopback_only()
+    runtime_env = _with_loopback_hook(runtime_env)
     ray.init(
         address="local",
         num_cpus=num_cpus,
@@ -166,3 +174,69 @@ def _loopback_only() -> None:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _with_loopback_hook(runtime_env: dict | None) -> dict:
+    """The job's runtime env plus the loopback hook (a hook of the caller's own is kept)."""
+    env = dict(runtime_env or {})
+    env.setdefault("worker_process_setup_hook", "rlhf.runtime.bind_stores_to_loopback")
+    return env
+
+
+def _loopback_interface() -> str | None:
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == "127.0.0.1" for a in addrs):
+            return name
+    return None
+
+
+def bind_stores_to_loopback() -> None:
+    """Worker start-up hook: rank 0's TCPStore listens on a loopback MASTER_ADDR only; gloo binds
+    the loopback interface.
+
+    torch's `init_process_group` (env:// and tcp://) creates its store in
+    `rendezvous._create_c10d_store`, whose master binds the wildcard; here the master gets a socket
+    already bound to MASTER_ADDR (`master_listen_fd`). Other addresses are left as they were.
+    """
+    import importlib
+    import socket
+
+    from torch.distributed import TCPStore
+
+    # By module path: `torch.distributed.rendezvous` the attribute is a function of that name.
+    rendezvous = importlib.import_module("torch.distributed.rendezvous")
+
+    iface = _loopback_interface()
+    if iface:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
+    create = rendezvous._create_c10d_store
+    if getattr(create, "loopback", False):
+        return
+
+    def create_store(hostname, port, rank, world_size, timeout, use_libuv=True):
+        host = "127.0.0.1" if hostname == "localhost" else hostname
+        try:
+            on_loopback = is_loopback(host)
+        except ValueError:  # a host name
+            on_loopback = False
+        if rank != 0 or not on_loopback or rendezvous._torchelastic_use_agent_store():
+            return create(hostname, port, rank, world_size, timeout, use_libuv)
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        return TCPStore(
+            hostname,
+            port,
+            world_size,
+            True,
+            timeout,
+            multi_tenant=True,
+            master_listen_fd=sock.detach(),  # the store owns the socket from here
+            use_libuv=use_libuv,
+        )
+
+    create_store.loopback = True  # type: ignore[attr-defined]
+    rendezvous._create_c10d_store = create_store

@@ -92,3 +92,103 @@ def test_embedded_ray_with_dashboard_serves_the_state_api_on_loopback_only():
     assert len(result["sockets"]) > 3, result["sockets"]  # GCS, raylet, dashboard, agents
     exposed = [s for s in result["sockets"] if not is_loopback(s[2])]
     assert exposed == [], f"listening beyond loopback: {exposed}"
+
+
+_PROCESS_GROUP_PROBE = """
+import json, os, socket, sys
+import torch.distributed as dist
+from rlhf.runtime import bind_stores_to_loopback, listening_sockets
+if sys.argv[1] == "hook":
+    bind_stores_to_loopback()
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+dist.all_reduce(__import__("torch").ones(1))
+print(json.dumps({"sockets": listening_sockets(), "gloo": os.environ.get("GLOO_SOCKET_IFNAME")}))
+"""
+
+
+def _process_group_sockets(mode: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", _PROCESS_GROUP_PROBE, mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_worker_hook_makes_a_process_groups_store_listen_on_its_loopback_address_only():
+    """torch's TCPStore master binds all interfaces whatever MASTER_ADDR says; with the hook
+    Ray workers run at start, it listens on the loopback MASTER_ADDR only."""
+    plain = _process_group_sockets("plain")
+    assert [s for s in plain["sockets"] if not is_loopback(s[2])], plain  # what the hook fixes
+    hooked = _process_group_sockets("hook")
+    assert hooked["sockets"] and hooked["gloo"]  # the store listens; gloo is on loopback
+    assert [s for s in hooked["sockets"] if not is_loopback(s[2])] == [], hooked
+
+
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_a_training_stage_without_held_out_files_trains_and_its_workers_listen_on_loopback_only(
+    tmp_path, ray_cluster
+):
+    """Ray Train workers: rank 0's torch.distributed store and gloo bind loopback; `sft.eval_files:
+    []` trains without evaluation (it used to fail loading the empty held-out split)."""
+    import threading
+    import time
+    from pathlib import Path
+
+    from rlhf.config import load_config
+    from rlhf.driver import base_model
+    from rlhf.train.trainer import run_stage
+
+    if cluster_address() is not None:
+        pytest.skip("joined an external cluster; its binding is not ours to check")
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(
+        repo / "configs/tiny_cpu.yaml",
+        [
+            f"run.output_dir={tmp_path}",
+            "run.name=t",
+            "run.stages=[sft]",
+            "model.tiny.hidden_size=32",
+            "model.tiny.num_layers=1",
+            "model.tiny.num_heads=1",
+            "model.tiny.num_kv_heads=1",
+            "model.tiny.intermediate_size=32",
+            "sft.eval_files=[]",
+            "sft.max_steps=2",
+            "sft.warmup_steps=1",
+            "sft.micro_batch_size=2",
+            "sft.global_batch_size=8",
+            "sft.eval_interval=1",
+            "sft.log_interval=1",
+        ],
+    )
+    seen: set = set()
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            seen.update(listening_sockets())
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        summary = run_stage(cfg, "sft", base_model(cfg))
+    finally:
+        done.set()
+        sampler.join()
+    workers = [s for s in seen if "RayTrainWorker" in s[1]]
+    assert workers, sorted(seen)  # the sampler saw the workers' own listeners (store, gloo)
+    exposed = sorted(s for s in seen if not is_loopback(s[2]))
+    assert exposed == [], f"listening beyond loopback: {exposed}"
+    lines = (Path(summary["model"]).parent / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in lines]
+    assert [r["step"] for r in rows if "step" in r] == [1, 2]
+    assert not any(k.startswith("sft/eval_") for r in rows for k in r), rows
+    assert summary["data"]["eval"]["samples"] == 0

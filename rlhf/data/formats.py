@@ -2,7 +2,9 @@
 
 SFT formats become a chat (`messages`); preference formats become (prompt messages, chosen,
 rejected) pairs; RL prompts become (prompt messages, label). Problems raise `FieldError(field,
-problem)`, which the caller turns into `file:line: field: problem`.
+problem)`, which the caller turns into `file:line: field: problem`. Keys beyond a format's (`id`,
+`source`, ...) are allowed: `extra_keys` names them for the data report. `rename_columns` maps
+differently named fields onto these names (`columns: {prompt: question}`).
 
 | format       | keys                                              | becomes                       |
 |--------------|---------------------------------------------------|-------------------------------|
@@ -41,19 +43,42 @@ class FieldError(ValueError):
 
 
 def detect_format(record: dict, allowed: tuple[str, ...]) -> str:
-    """The format whose keys match exactly; otherwise name the missing or unexpected keys."""
+    """The format whose required keys the record has (other keys are extra fields); of formats
+    nested in each other (input_output in instruction) the larger. Otherwise name the missing key;
+    two unrelated matches are ambiguous."""
     keys = set(record)
-    for name in allowed:
-        required, optional = FORMAT_KEYS[name]
-        if required <= keys <= required | optional:
-            return name
-    best = min(allowed, key=lambda n: len(FORMAT_KEYS[n][0] ^ keys))
-    required, optional = FORMAT_KEYS[best]
+    found = [n for n in allowed if FORMAT_KEYS[n][0] <= keys]
+    found = [n for n in found if not any(FORMAT_KEYS[n][0] < FORMAT_KEYS[m][0] for m in found)]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        both = " and ".join(found)
+        raise FieldError("<format>", f"ambiguous record: has the keys of {both} formats")
+    best = min(allowed, key=lambda n: len(FORMAT_KEYS[n][0] - keys))
+    required = FORMAT_KEYS[best][0]
     missing = sorted(required - keys)
-    if missing:
-        raise FieldError(missing[0], f"missing key (expected {best} format: {sorted(required)})")
-    extra = sorted(keys - required - optional)
-    raise FieldError(extra[0], f"unexpected key for {best} format")
+    raise FieldError(missing[0], f"missing key (expected {best} format: {sorted(required)})")
+
+
+def extra_keys(record: dict, fmt: str) -> list[str]:
+    """Keys the format does not use (`id`, `source`, ...): kept out of training, counted."""
+    required, optional = FORMAT_KEYS[fmt]
+    return sorted(set(record) - required - optional)
+
+
+def rename_columns(record: dict, columns: dict[str, str]) -> dict:
+    """The record with each mapped field under its format name: {prompt: question} reads the
+    record's `question` as `prompt`."""
+    if not columns:
+        return record
+    out = dict(record)
+    for name, source in columns.items():
+        if source not in record:
+            continue  # the format check then reports the missing field under its mapped name
+        if name in record and name != source:
+            raise FieldError(name, f"present besides {source}, which columns maps to {name}")
+        out[name] = out.pop(source)
+    return out
 
 
 def _text(record: dict, key: str, *, allow_empty: bool = False, path: str | None = None) -> str:
@@ -114,7 +139,10 @@ def to_pairs(record: dict, fmt: str) -> list[tuple[Chat, str, str]]:
     """(prompt, chosen, rejected) pairs; ranked lists give all C(K,2) pairs, better first."""
     prompt = _prompt(record)
     if fmt == "pairwise":
-        return [(prompt, _text(record, "chosen"), _text(record, "rejected"))]
+        chosen, rejected = _text(record, "chosen"), _text(record, "rejected")
+        if chosen.strip() == rejected.strip():
+            raise FieldError("rejected", "same text as chosen (a pair needs two different answers)")
+        return [(prompt, chosen, rejected)]
     responses = record["responses"]
     if not isinstance(responses, list) or len(responses) < 2:
         raise FieldError("responses", "expected a list of at least 2 {text, rank}")
@@ -131,6 +159,11 @@ def to_pairs(record: dict, fmt: str) -> list[tuple[Chat, str, str]]:
         raise FieldError("responses", f"ranks have ties: {ranks}")
     if ranks != list(range(1, len(ranks) + 1)):
         raise FieldError("responses", f"ranks must be 1..{len(ranks)} without gaps, got {ranks}")
+    texts = [text.strip() for _, text in ranked]
+    for i, text in enumerate(texts):
+        if text in texts[:i]:
+            first = texts.index(text)
+            raise FieldError(f"responses[{i}].text", f"same text as responses[{first}].text")
     ranked.sort()
     return [(prompt, better, worse) for (_, better), (_, worse) in combinations(ranked, 2)]
 

@@ -4,7 +4,12 @@
         ...
 
 Formats: JSONL (one object per line), JSON (a top-level array; "line" is the record number),
-Parquet files and `datasets.save_to_disk` folders (via `datasets`; "line" is the row number).
+Parquet files and `datasets.save_to_disk` folders (via `datasets`; "line" is the row number; a
+saved `DatasetDict` needs `split` unless it has one split), and any other folder: every .jsonl,
+.json and .parquet file under it, in path order (a local dataset folder, as `git clone` of a
+dataset repository leaves it). Files of a split are named for it (`train.jsonl`,
+`data/test-00000-of-00001.parquet`) or sit in a folder named for it (`train/`); a folder holding
+several splits needs `split`, so held-out files never mix into training silently.
 Strict: invalid UTF-8, invalid JSON, `NaN` / `Infinity` and non-object records raise `DataError`
 with `file:line: field: problem`. `Skips` implements the explicit skip-and-count mode.
 """
@@ -12,6 +17,7 @@ with `file:line: field: problem`. `Skips` implements the explicit skip-and-count
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -82,27 +88,93 @@ def _read_json(path: Path) -> Iterator[Record]:
         yield _object(item, f"{path}:{i}")
 
 
-def _read_table(path: Path) -> Iterator[Record]:
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _read_table(path: Path, split: str | None) -> Iterator[Record]:
     import datasets
 
     if path.is_dir():
         ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[_pick_split(path, list(ds), split)]
     else:
         ds = datasets.Dataset.from_parquet(str(path))
     for i, row in enumerate(ds, start=1):
         yield Record(f"{path}:{i}", dict(row))
 
 
-def read_records(path: str | Path, skips: Skips | None = None) -> Iterator[Record]:
+def _pick_split(path: Path, splits: list[str], split: str | None) -> str:
+    if split is None and len(splits) == 1:
+        return splits[0]
+    if split in splits:
+        return split
+    what = "no split given" if split is None else f"no split {split!r}"
+    raise DataError(f"{path}: {what}; the dataset has splits {splits} (set the file's split)")
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+SPLIT_NAMES = ("train", "validation", "valid", "dev", "test", "eval")
+_SPLIT_FILE = re.compile(rf"^({'|'.join(SPLIT_NAMES)})([-_.]|$)")
+
+
+def _split_of(relative: Path) -> str | None:
+    """The split a data file belongs to by its folder or file name (Hugging Face's layout)."""
+    for part in relative.parts[:-1]:
+        if part in SPLIT_NAMES:
+            return part
+    found = _SPLIT_FILE.match(relative.name)
+    return found.group(1) if found else None
+
+
+def _folder_files(path: Path, split: str | None) -> list[Path]:
+    files = sorted(
+        f
+        for f in path.rglob("*")
+        if f.is_file()
+        and f.suffix in DATA_SUFFIXES
+        and not any(part.startswith(".") for part in f.relative_to(path).parts)
+    )
+    if not files:
+        raise DataError(f"{path}: a folder with no {', '.join(DATA_SUFFIXES)} files")
+    splits = {f: _split_of(f.relative_to(path)) for f in files}
+    named = sorted({s for s in splits.values() if s})
+    if split is not None:
+        files = [f for f in files if splits[f] == split]
+        if not files:
+            raise DataError(f"{path}: no files of split {split!r} (splits found: {named})")
+    elif len(named) > 1:
+        raise DataError(f"{path}: the folder has splits {named}; set the file's split")
+    return files
+
+
+def _read_folder(path: Path, skips: Skips | None, split: str | None) -> Iterator[Record]:
+    for f in _folder_files(path, split):
+        yield from read_records(f, skips)
+
+
+def read_records(
+    path: str | Path, skips: Skips | None = None, split: str | None = None
+) -> Iterator[Record]:
     """Records of one file or folder, in order, each with its `file:line`.
 
     Unreadable JSONL lines raise, or with `skips` are counted there (reason `<json>` etc.).
+    `split` picks a split of a saved `DatasetDict` or of a dataset folder.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    if split is not None and not path.is_dir():
+        raise DataError(f"{path}: split {split!r} given, but this is a file, not a dataset folder")
+    if split is not None and (path / "state.json").is_file():
+        raise DataError(f"{path}: split {split!r} given, but this saved dataset has no splits")
+    if path.is_dir() and not _is_saved_dataset(path):
+        return _read_folder(path, skips, split)
     if path.is_dir() or path.suffix == ".parquet":
-        return _read_table(path)
+        return _read_table(path, split)
     if path.suffix == ".json":
         return _read_json(path)
     if path.suffix == ".jsonl":

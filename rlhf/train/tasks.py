@@ -135,7 +135,7 @@ def _prepare_preferences(stage: str) -> Callable[[Config, str], tuple[Any, Any, 
     def prepare(cfg: Config, init_dir: str):
         from rlhf.data.stages import prepare_preferences
 
-        return prepare_preferences(getattr(cfg, stage), init_dir, seed=cfg.run.seed)
+        return prepare_preferences(getattr(cfg, stage), init_dir, seed=cfg.run.seed, stage=stage)
 
     return prepare
 

@@ -118,10 +118,78 @@ def test_ranks_with_ties_or_gaps_are_rejected(tmp_path, ranks, message):
         pref(path)
 
 
-def test_an_extra_key_names_the_key_and_the_format(tmp_path):
-    row = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "score": 1})
-    with pytest.raises(DataError, match=r":1: score: unexpected key for pairwise format"):
+def test_extra_fields_are_kept_out_of_training_and_counted_per_field(tmp_path):
+    rows = [
+        json.dumps({"id": 1, "source": "web", "prompt": "q", "chosen": "a", "rejected": "b"}),
+        json.dumps({"id": 2, "prompt": "q", "chosen": "a", "rejected": "c"}),
+    ]
+    items, report = pref(write_lines(tmp_path / "p.jsonl", *rows))
+    assert [(c, r) for _, c, r in items] == [("a", "b"), ("a", "c")]
+    assert report["extra_fields"] == {"id": 2, "source": 1}
+    assert report["formats"] == {"pairwise": 2}
+
+
+def test_of_nested_formats_the_larger_wins_and_unrelated_matches_are_ambiguous(tmp_path):
+    both = json.dumps({"instruction": "Add", "input": "1+1", "output": "2"})
+    items, report = chats(write_lines(tmp_path / "i.jsonl", both))
+    assert items[0][0]["content"] == "Add\n\n1+1" and report["formats"] == {"instruction": 1}
+    row = json.dumps(
+        {"prompt": "q", "chosen": "a", "rejected": "b", "responses": [{"text": "a", "rank": 1}]}
+    )
+    with pytest.raises(DataError, match=r":1: <format>: ambiguous record: .* pairwise and ranked"):
         pref(write_lines(tmp_path / "p.jsonl", row))
+
+
+def test_a_pair_whose_chosen_equals_its_rejected_is_rejected_naming_file_and_line(tmp_path):
+    same = json.dumps({"prompt": "q", "chosen": "4", "rejected": " 4 "})
+    path = write_lines(
+        tmp_path / "p.jsonl", json.dumps({"prompt": "q", "chosen": "4", "rejected": "5"}), same
+    )
+    with pytest.raises(DataError, match=rf"{path}:2: rejected: same text as chosen"):
+        pref(path)
+    dup = json.dumps(
+        {"prompt": "q", "responses": [{"text": "x", "rank": 1}, {"text": "x", "rank": 2}]}
+    )
+    with pytest.raises(DataError, match=r":1: responses\[1\]\.text: same text as responses\[0\]"):
+        pref(write_lines(tmp_path / "r.jsonl", dup))
+    items, report = pref(write_lines(tmp_path / "m.jsonl", same, dup, ranked(1, 2)), "skip")
+    assert len(items) == 1
+    assert report["skipped_by_reason"] == {
+        "rejected: same text as chosen": 1,
+        "responses: same text as responses[0].text": 1,
+    }
+
+
+def test_columns_map_differently_named_fields_and_errors_name_the_users_field(tmp_path):
+    from rlhf.data.formats import to_pairs
+
+    def load(path, columns):
+        return load_items(
+            [DataFile(path=str(path))], ("pairwise", "ranked"), "auto", to_pairs, "fail", 0, columns
+        )
+
+    columns = {"prompt": "question", "chosen": "good_answer", "rejected": "bad_answer"}
+    good = json.dumps({"question": "1+1?", "good_answer": "2", "bad_answer": "3", "id": 7})
+    items, report = load(write_lines(tmp_path / "a.jsonl", good), columns)
+    assert items == [([{"role": "user", "content": "1+1?"}], "2", "3")]
+    assert report["extra_fields"] == {"id": 1}
+    empty = json.dumps({"question": "1+1?", "good_answer": " ", "bad_answer": "3"})
+    path = write_lines(tmp_path / "b.jsonl", good, empty)
+    with pytest.raises(DataError, match=rf"{path}:2: good_answer \(mapped to chosen\): empty"):
+        load(path, columns)
+    missing = json.dumps({"question": "1+1?", "bad_answer": "3"})
+    with pytest.raises(DataError, match=r":1: good_answer \(mapped to chosen\): missing key"):
+        load(write_lines(tmp_path / "c.jsonl", missing), columns)
+    prompts = write_lines(tmp_path / "p.jsonl", json.dumps({"q": "1+1?", "a": "2", "id": 1}))
+    items, _ = load_prompts([DataFile(path=str(prompts))], columns={"prompt": "q", "label": "a"})
+    assert items == [([{"role": "user", "content": "1+1?"}], "2")]
+
+
+def test_a_columns_key_that_is_no_field_of_the_stages_formats_is_a_config_error():
+    from rlhf.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"rm.columns: 'question' is not a field"):
+        load_config(None, ["run.stages=[]", "rm.columns={question: prompt}"])
 
 
 def test_json_parquet_and_save_to_disk_read_the_same_records(tmp_path):
@@ -186,6 +254,8 @@ def _stage(path, **kw):
         train_files=[DataFile(path=str(path))],
         eval_files=[],
         format="auto",
+        prompt_format="auto",
+        columns={},
         on_error="fail",
         max_length=64,
         overlong="truncate",
@@ -207,3 +277,64 @@ def test_shipped_samples_cover_every_format_and_prepare_without_errors(tiny_toke
         assert len(train) > 0 and report["train"]["skipped"] == 0, name
     items, _ = load_prompts([DataFile(path=str(samples / "prompts.jsonl"))])
     assert all(label is not None for _, label in items)
+
+
+def _save_everywhere(tmp_path, name, rows):
+    """The same records as a save_to_disk folder, a DatasetDict folder and a folder of files."""
+    ds = datasets.Dataset.from_list(rows)
+    ds.save_to_disk(str(tmp_path / f"{name}_saved"))
+    dd = datasets.DatasetDict({"train": ds, "test": ds.select([0])})
+    dd.save_to_disk(str(tmp_path / f"{name}_dict"))
+    folder = tmp_path / f"{name}_files" / "data"
+    folder.mkdir(parents=True)
+    half = len(rows) // 2
+    write_lines(folder / "a.jsonl", *[json.dumps(r) for r in rows[:half]])
+    datasets.Dataset.from_list(rows[half:]).to_parquet(str(folder / "b.parquet"))
+    (folder.parent / "README.md").write_text("not data")
+    return [
+        DataFile(path=str(tmp_path / f"{name}_saved")),
+        DataFile(path=str(tmp_path / f"{name}_dict"), split="train"),
+        DataFile(path=str(tmp_path / f"{name}_files")),
+    ]
+
+
+def test_saved_datasets_and_local_dataset_folders_work_in_every_stage(tmp_path, tiny_tokenizer_dir):
+    sft = [{"input": f"{i}+1?", "output": str(i + 1), "source": "x"} for i in range(4)]
+    pairs = [{"prompt": f"{i}+1?", "chosen": str(i + 1), "rejected": "0"} for i in range(1, 5)]
+    prompts = [{"prompt": f"{i}+1?", "label": str(i + 1)} for i in range(4)]
+    for spec in _save_everywhere(tmp_path, "sft", sft):
+        train, _, report = prepare_sft(_stage(spec.path, train_files=[spec]), tiny_tokenizer_dir)
+        assert len(train) == 4 and report["train"]["extra_fields"] == {"source": 4}, spec
+    for spec in _save_everywhere(tmp_path, "pref", pairs):
+        stage = _stage(spec.path, train_files=[spec])
+        train, _, _ = prepare_preferences(stage, tiny_tokenizer_dir)
+        assert len(train) == 4, spec
+    for spec in _save_everywhere(tmp_path, "prompts", prompts):
+        items, _ = load_prompts([spec])
+        assert [label for _, label in items] == ["1", "2", "3", "4"], spec
+    files = tmp_path / "prompts_files"
+    assert [r.where for r in read_records(files)][-1] == f"{files}/data/b.parquet:2"
+
+
+def test_a_dataset_with_several_splits_needs_the_split_and_reads_only_that_one(tmp_path):
+    spec = _save_everywhere(tmp_path, "d", [{"input": "q", "output": "a"}] * 2)
+    with pytest.raises(DataError, match=r"d_dict: no split given; the dataset has splits"):
+        list(read_records(spec[1].path))
+    with pytest.raises(DataError, match=r"no split 'validation'"):
+        list(read_records(spec[1].path, split="validation"))
+    with pytest.raises(DataError, match=r"split 'train' given, but this saved dataset has no"):
+        list(read_records(spec[0].path, split="train"))
+    # A dataset repository as `git clone` leaves it: a split per file name or folder.
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    datasets.Dataset.from_list([{"input": "t", "output": "1"}] * 3).to_parquet(
+        str(repo / "data/train-00000-of-00001.parquet")
+    )
+    write_lines(repo / "data/test.jsonl", json.dumps({"input": "held", "output": "out"}))
+    with pytest.raises(DataError, match=r"repo: the folder has splits \['test', 'train'\]"):
+        list(read_records(repo))
+    assert [r.data["input"] for r in read_records(repo, split="test")] == ["held"]
+    assert len(list(read_records(repo, split="train"))) == 3
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: a folder with no .jsonl"):
+        list(read_records(tmp_path / "empty"))

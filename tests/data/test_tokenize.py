@@ -47,6 +47,8 @@ def _stage(tmp_path, rows, **kw):
         train_files=[DataFile(path=str(path))],
         eval_files=[],
         format="auto",
+        prompt_format="auto",
+        columns={},
         on_error="fail",
         max_length=24,
         overlong="truncate",
