@@ -13,7 +13,7 @@ TORCH  ?= torch==2.13.0
 EXTRAS ?= cpu,dev
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint format clean bench
+.PHONY: venv demo test lint format clean bench gpu-smoke
 
 venv: $(STAMP)
 
@@ -27,12 +27,12 @@ $(STAMP):
 	@# `import transformers` on CPU torch and nothing of ours uses them.
 	-$(PIP) uninstall -y torchvision torchaudio torchcodec
 	@# tests/test_report.py opens report.html in a real headless browser: Debian's chromium
-	@# (as root or with passwordless sudo). Without apt the bootstrap goes on; that check skips.
+	@# (as root or with passwordless sudo). Without apt the bootstrap goes on and those tests fail, saying so.
 	@command -v chromium >/dev/null 2>&1 || { \
 	  S=$$(test "$$(id -u)" = 0 || echo sudo -n); A="env DEBIAN_FRONTEND=noninteractive apt-get"; \
 	  command -v apt-get >/dev/null 2>&1 && { $$S $$A install -y -q chromium \
 	    || { $$S $$A update -q && $$S $$A install -y -q chromium; }; }; } \
-	  || echo ">> chromium not installed (no apt-get or no permission): the browser check skips"
+	  || echo ">> chromium not installed (no apt-get or no permission): the browser tests will fail"
 	@# tests/serve start a real PostgreSQL server (initdb + pg_ctl in a temp folder): Debian's
 	@# postgresql. Without apt the bootstrap goes on, and those tests FAIL saying what is missing.
 	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null 2>&1 || { \
@@ -52,6 +52,12 @@ test: venv
 
 bench: venv
 	$(PY) -m rlhf.bench all
+
+# Every stage for a few steps on one GPU (rlhf/smoke.py); MODEL=/path/to/hf/checkpoint or the
+# tiny model. Needs the GPU build: make gpu-smoke TORCH=torch EXTRAS=gpu,dev. No GPU: error, exit 2.
+MODEL ?=
+gpu-smoke: venv
+	$(PY) -m rlhf.smoke $(if $(MODEL),--model $(MODEL))
 
 lint: venv
 	$(VENV)/bin/ruff check rlhf actors tests

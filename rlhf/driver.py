@@ -70,7 +70,7 @@ def run_one_stage(
 ) -> dict:
     """Train one stage from its input (see the module docstring); its done.json summary."""
     if stage == "rl":
-        from rlhf.rl.trainer import run_rl
+        from rlhf.rl.stage import run_rl
 
         rm_dir = cfg.rl.reward.model_path or outputs.get("rm")
         return run_rl(cfg, stage_input(cfg, stage, outputs, base), rm_dir, reward_fn=reward_fn)

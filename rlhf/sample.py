@@ -21,17 +21,6 @@ from typing import Any
 from rlhf.data.records import DataError
 
 
-def encode_prompts(tok, chats: list[list[dict]]) -> list[list[int]]:
-    """Token ids of each chat with the generation prompt, as the trainer and server encode it."""
-    return [
-        tok(
-            tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
-            add_special_tokens=False,
-        )["input_ids"]
-        for chat in chats
-    ]
-
-
 def sample_for_ranking(cfg, model_path: str, prompts_file: str, k: int, out: str) -> dict[str, Any]:
     """Write `out` (one ranked list to fill in per prompt); return counts."""
     from transformers import AutoTokenizer
@@ -44,8 +33,12 @@ def sample_for_ranking(cfg, model_path: str, prompts_file: str, k: int, out: str
         raise DataError(f"--k {k}: a ranking needs at least 2 answers per prompt")
     items, _ = load_prompts([DataFile(path=prompts_file)])
     chats = [chat for chat, _ in items]
+    from rlhf.data.render import render_prompt, resolve_prompt_format
+
     tok = AutoTokenizer.from_pretrained(model_path)
-    ids = encode_prompts(tok, chats)
+    # Rendered as the reward model's data will be (rm.prompt_format), like SFT, RL and eval.
+    fmt = resolve_prompt_format(cfg.rm.prompt_format, tok, 0, "rm.prompt_format")
+    ids = [render_prompt(chat, tok, fmt) for chat in chats]
     s = cfg.serve
     for i, prompt_ids in enumerate(ids):
         if len(prompt_ids) + s.max_tokens > s.max_model_len:

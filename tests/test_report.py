@@ -1,7 +1,7 @@
 """The run report (rlhf/report.py): built from a real short run, opened in a real headless Chromium.
 
 The browser tests need Debian's `chromium` (the Makefile bootstrap installs it); without it they
-skip. The screenshot of the real run lands in the test's tmp folder (`report.png`).
+fail, saying so: a browser check that silently skips would prove nothing. The screenshot of the real run lands in the test's tmp folder (`report.png`).
 """
 
 import base64
@@ -20,9 +20,14 @@ from rlhf.report import build_report, data_tables, evaluation_tables, read_metri
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium")
-needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium: `apt-get install chromium` (make venv does it)"
-)
+
+
+def _chromium() -> str:
+    if CHROMIUM is None:
+        pytest.fail("no chromium: `apt-get install chromium` (the make bootstrap does it)")
+    return CHROMIUM
+
+
 TINY = [
     "model.tiny.hidden_size=64",
     "model.tiny.num_layers=2",
@@ -109,7 +114,7 @@ def chromium(profile: Path, *args: str) -> subprocess.CompletedProcess:
         "--hide-scrollbars",
         f"--user-data-dir={profile}",
     ]
-    done = subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=180)
+    done = subprocess.run([_chromium(), *flags, *args], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, f"chromium exited {done.returncode}: {done.stderr[-2000:]}"
     return done
 
@@ -153,7 +158,6 @@ def test_a_finished_run_leaves_a_self_contained_report_of_every_stage(run_dir):
 @pytest.mark.vllm
 @pytest.mark.e2e
 @pytest.mark.slow
-@needs_chromium
 def test_the_report_renders_in_headless_chromium_with_every_image_loaded(run_dir, tmp_path):
     report = run_dir / "report.html"
     dom, check = browser_check(report, tmp_path)
@@ -178,7 +182,6 @@ def test_the_report_renders_in_headless_chromium_with_every_image_loaded(run_dir
 @pytest.mark.vllm
 @pytest.mark.e2e
 @pytest.mark.slow
-@needs_chromium
 def test_the_browser_check_reports_an_image_that_does_not_decode(run_dir, tmp_path):
     text = (run_dir / "report.html").read_text()
     start = text.index("base64,") + len("base64,")

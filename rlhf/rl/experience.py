@@ -1,14 +1,11 @@
 """Experience batches of the RL loop: rollouts as padded tensors, and the advantage phase.
 
-Pure torch (no Ray, vLLM or DeepSpeed). A batch is a dict of tensors, one row per sample:
+Pure torch (no Ray, vLLM or DeepSpeed). `Experience` holds one row per sample; the phases of a
+step fill its optional fields (`replace` returns a new batch, nothing is mutated in place):
 
-    input_ids       (B, P+R)  prompt left-padded to P, then the response right-padded to R
-    attention_mask  (B, P+R)
-    position_ids    (B, P+R)  0 at each row's first real token (vLLM's positions)
-    response_mask   (B, R)    1 on sampled tokens (EOS included)
-    rollout_logprobs (B, R)   the engine's log-probabilities of the sampled tokens
-    scores          (B,)      sequence rewards (after the reward phase)
-    old_logprobs, ref_logprobs, values, advantages, returns   (B, R), added phase by phase
+    batch = build_batch(prompt_ids, response_ids, rollout_logprobs, pad_id)   # after generate
+    batch = batch.replace(scores=..., ref_logprobs=..., old_logprobs=..., values=...)
+    batch, metrics = compute_advantages(batch, algorithm="grpo", ...)        # + advantages
 
 Every per-token tensor is response-aligned: column j is the j-th sampled token, so the last
 response token is `response_mask.sum(-1) - 1` (what `kl_penalized_rewards` and `gae` expect).
@@ -17,7 +14,8 @@ Samples of one prompt are contiguous (group estimators need that).
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 
@@ -31,12 +29,81 @@ from rlhf.algorithms import (
 )
 
 
+@dataclass(frozen=True)
+class Experience:
+    """One RL step's samples. B rows, prompts left-padded to P, responses right-padded to R."""
+
+    input_ids: torch.Tensor  # (B, P+R) long
+    attention_mask: torch.Tensor  # (B, P+R) long
+    position_ids: torch.Tensor  # (B, P+R) long, 0 at each row's first real token (vLLM's)
+    response_mask: torch.Tensor  # (B, R) float, 1 on sampled tokens (EOS included)
+    rollout_logprobs: torch.Tensor  # (B, R) the engine's logprobs of the sampled tokens
+    scores: torch.Tensor | None = None  # (B,) sequence rewards             (reward phase)
+    ref_logprobs: torch.Tensor | None = None  # (B, R) reference policy      (ref phase)
+    old_logprobs: torch.Tensor | None = None  # (B, R) policy before update  (logprobs phase)
+    values: torch.Tensor | None = None  # (B, R) critic, PPO only             (values phase)
+    advantages: torch.Tensor | None = None  # (B, R)                          (advantages phase)
+    returns: torch.Tensor | None = None  # (B, R) value targets               (advantages phase)
+
+    def __post_init__(self) -> None:
+        B, T = self.input_ids.shape
+        R = self.response_mask.shape[1]
+        for f in dataclasses.fields(self):
+            t = getattr(self, f.name)
+            if t is None:
+                continue
+            want = (
+                (B,)
+                if f.name == "scores"
+                else (B, T)
+                if f.name in ("attention_mask", "position_ids")
+                else (B, R)
+            )
+            if f.name != "input_ids" and tuple(t.shape) != want:
+                raise ValueError(f"Experience.{f.name}: shape {tuple(t.shape)}, expected {want}")
+
+    @property
+    def num_rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def prompt_length(self) -> int:
+        return self.input_ids.shape[1] - self.response_mask.shape[1]
+
+    def need(self, *names: str) -> None:
+        """Raise unless the phases that fill `names` have run."""
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"Experience is missing {missing}: their phase has not run")
+
+    def replace(self, **fields: torch.Tensor) -> Experience:
+        return dataclasses.replace(self, **fields)
+
+    def _map(self, fn) -> Experience:
+        out = {}
+        for f in dataclasses.fields(self):
+            t = getattr(self, f.name)
+            out[f.name] = None if t is None else fn(t)
+        return Experience(**out)
+
+    def rows(self, start: int, stop: int) -> Experience:
+        """Rows [start, stop)."""
+        return self._map(lambda t: t[start:stop])
+
+    def take(self, index: torch.Tensor) -> Experience:
+        """The rows in `index`, in its order."""
+        return self._map(lambda t: t[index])
+
+    def to(self, device: torch.device) -> Experience:
+        return self._map(lambda t: t.to(device))
+
+
 def build_batch(
     prompts: list[list[int]],
     responses: list[list[int]],
     rollout_logprobs: list[list[float]],
     pad_id: int,
-) -> dict[str, torch.Tensor]:
+) -> Experience:
     """Pad prompts (left) and responses (right) into one batch of response-aligned tensors."""
     if not (len(prompts) == len(responses) == len(rollout_logprobs)):
         raise ValueError("prompts, responses and logprobs must have one row per sample")
@@ -55,26 +122,7 @@ def build_batch(
             response_mask[i, : len(r)] = 1.0
             logprobs[i, : len(r)] = torch.tensor(lp, dtype=torch.float32)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-        "response_mask": response_mask,
-        "rollout_logprobs": logprobs,
-    }
-
-
-def prompt_length(batch: dict[str, torch.Tensor]) -> int:
-    return batch["input_ids"].shape[1] - batch["response_mask"].shape[1]
-
-
-def slice_rows(batch: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
-    """Rows [start, stop) of every row-indexed tensor (scalars and metadata are kept)."""
-    rows = batch["input_ids"].shape[0]
-    return {
-        k: (v[start:stop] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v)
-        for k, v in batch.items()
-    }
+    return Experience(input_ids, attention_mask, position_ids, response_mask, logprobs)
 
 
 def rank_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -90,24 +138,24 @@ def concat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
 
 
-def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def response_logits(model: torch.nn.Module, batch: Experience) -> torch.Tensor:
     """Logits that predict each response token: (B, R, V)."""
-    P = prompt_length(batch)
     out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
         use_cache=False,
     )
-    return out.logits[:, P - 1 : -1]
+    return out.logits[:, batch.prompt_length - 1 : -1]
 
 
-def response_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return batch["input_ids"][:, prompt_length(batch) :]
+def response_tokens(batch: Experience) -> torch.Tensor:
+    """(B, R) the sampled tokens (padding after each row's response)."""
+    return batch.input_ids[:, batch.prompt_length :]
 
 
 def compute_advantages(
-    batch: dict[str, torch.Tensor],
+    batch: Experience,
     *,
     algorithm: str,
     group_size: int,
@@ -117,17 +165,20 @@ def compute_advantages(
     gamma: float,
     lam: float,
     whiten: bool = True,
-) -> tuple[dict, dict[str, float]]:
-    """Add `advantages` and `returns` to the batch; return it with metrics.
+) -> tuple[Experience, dict[str, float]]:
+    """The batch with `advantages` and `returns`, and metrics.
 
     PPO (`algorithm="ppo"`): per-token rewards = score at the last token - kl_coef * KL when the KL
     is in the reward (Ziegler 2019), then GAE with the critic's values, advantages whitened over
     the batch. Critic-free estimators: advantages from sequence scores (minus kl_coef * summed KL
     when the KL is in the reward), broadcast over the response; returns = advantages.
     """
-    mask = batch["response_mask"]
-    scores = batch["scores"].float()
-    kl = KL_ESTIMATORS[kl_estimator](batch["old_logprobs"], batch["ref_logprobs"]) * mask
+    batch.need(
+        "scores", "old_logprobs", "ref_logprobs", *(["values"] if algorithm == "ppo" else [])
+    )
+    mask = batch.response_mask
+    scores = batch.scores.float()
+    kl = KL_ESTIMATORS[kl_estimator](batch.old_logprobs, batch.ref_logprobs) * mask
     metrics = {
         "reward/score_mean": scores.mean().item(),
         "reward/score_std": scores.std().item() if scores.numel() > 1 else 0.0,
@@ -139,10 +190,10 @@ def compute_advantages(
             rewards = kl_penalized_rewards(scores, kl, mask, kl_coef)
         else:
             rewards = kl_penalized_rewards(scores, torch.zeros_like(kl), mask, 0.0)
-        advantages, returns = gae(rewards, batch["values"] * mask, mask, gamma, lam)
+        advantages, returns = gae(rewards, batch.values * mask, mask, gamma, lam)
         if whiten:
             advantages = masked_whiten(advantages, mask)
-        metrics["critic/values_mean"] = masked_mean(batch["values"], mask).item()
+        metrics["critic/values_mean"] = masked_mean(batch.values, mask).item()
         metrics["critic/returns_mean"] = masked_mean(returns, mask).item()
     elif algorithm in GROUP_ADVANTAGES:
         seq = scores - kl_coef * kl.sum(-1) if kl_in_reward else scores
@@ -154,7 +205,7 @@ def compute_advantages(
         )
     metrics["advantages/mean"] = masked_mean(advantages, mask).item()
     metrics["advantages/abs_mean"] = masked_mean(advantages.abs(), mask).item()
-    return {**batch, "advantages": advantages, "returns": returns}, metrics
+    return batch.replace(advantages=advantages, returns=returns), metrics
 
 
 def minibatches(num_rows: int, mini_batch_size: int, epoch_seed: int) -> list[torch.Tensor]:
@@ -162,14 +213,6 @@ def minibatches(num_rows: int, mini_batch_size: int, epoch_seed: int) -> list[to
     gen = torch.Generator().manual_seed(epoch_seed)
     order = torch.randperm(num_rows, generator=gen)
     return [order[i : i + mini_batch_size] for i in range(0, num_rows, mini_batch_size)]
-
-
-def take_rows(batch: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
-    rows = batch["input_ids"].shape[0]
-    return {
-        k: (v[index] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v)
-        for k, v in batch.items()
-    }
 
 
 def groups_with_signal(scores: list[float], group_size: int, tol: float = 1e-6) -> list[bool]:

@@ -125,6 +125,10 @@ class PolicyServer:
         started = time.perf_counter()
         self.engine.generate([tok("warm-up", add_special_tokens=False)["input_ids"]], max_tokens=2)
         warmup_s = time.perf_counter() - started
+        from rlhf.data.render import resolve_prompt_format
+
+        fmt = self.settings.get("prompt_format", "auto")
+        self.prompt_format = resolve_prompt_format(fmt, tok, 0, "eval.prompt_format")
         self.tok, self.model_path, self.version = tok, model_path, model_version
         logger.info("serving %s (%s); warm-up %.1f s", model_version, model_path, warmup_s)
 
@@ -157,11 +161,10 @@ class PolicyServer:
         return out
 
     def _encode(self, gen: GenerationRequest) -> list[int]:
-        if gen.endpoint == "chat":
-            text = self.tok.apply_chat_template(
-                gen.prompt, tokenize=False, add_generation_prompt=True
-            )
-            ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        if gen.endpoint == "chat":  # rendered as the trainer renders a prompt (eval.prompt_format)
+            from rlhf.data.render import render_prompt
+
+            ids = render_prompt(gen.prompt, self.tok, self.prompt_format)
         else:
             ids = self.tok(gen.prompt)["input_ids"]
         limit = self.settings["max_model_len"]
@@ -382,6 +385,7 @@ def start_app(
         "token_sha256": hashlib.sha256(token.encode()).hexdigest(),
         "trust_remote_code": cfg.model.trust_remote_code,
         "on_gpu": s.gpus_per_replica > 0,
+        "prompt_format": cfg.eval.prompt_format,
     }
     deployment = PolicyServer.options(
         **deployment_options(s, replicas),

@@ -21,7 +21,9 @@ from safetensors.torch import load_file
 from test_rl_loop import REPO, SMALL, _Scorer, rl_config
 
 from rlhf.rl import checkpoint as ck
-from rlhf.rl.trainer import RLRun, _train, run_rl
+from rlhf.rl.stage import _train, run_rl
+from rlhf.rl.trainer import RLRun
+from rlhf.runtime import is_loopback, listening_sockets
 from rlhf.train.metrics import MetricsWriter
 
 # Three RL stages (or six restarts) each: above the suite's default 10-minute limit on a loaded
@@ -164,14 +166,23 @@ def test_rl_survives_killed_engine_reward_model_and_policy_rank(tmp_path, tiny_d
             done["error"] = exc
 
     thread = threading.Thread(target=train)
+    exposed: set = set()  # listening sockets of this cluster outside loopback, while RL runs
+
+    def running(step: int) -> bool:
+        exposed.update(
+            (name, ip, port) for _, name, ip, port in listening_sockets() if not is_loopback(ip)
+        )
+        return run.steps_done >= step or not thread.is_alive()
+
     try:
         thread.start()
         for after_step, role in ((1, "rollout"), (2, "reward_model"), (3, "policy")):
-            _wait_for(lambda s=after_step: run.steps_done >= s or not thread.is_alive(), 600, role)
+            _wait_for(lambda s=after_step: running(s), 600, role)
             if role == "policy":  # the roll-back target
                 assert (run.stage_dir / "checkpoints/step_000002").is_dir()
             os.kill(pids[role], signal.SIGKILL)
-        thread.join(timeout=900)
+        _wait_for(lambda: running(10**9), 900, "the end of the run")
+        thread.join(timeout=60)
         assert not thread.is_alive()
         if "error" in done:
             raise done["error"]
@@ -180,6 +191,7 @@ def test_rl_survives_killed_engine_reward_model_and_policy_rank(tmp_path, tiny_d
     finally:
         writer.close()
         run.shutdown()
+    assert not exposed, exposed  # role actors' gloo groups and stores bind loopback only
     assert run.steps_done == 6
     assert run.restores == 1  # the policy's death
     # engine 1 + reward model 1 + policy 1 (the critic-free run has no other trained role)

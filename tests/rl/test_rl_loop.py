@@ -13,7 +13,8 @@ import torch
 from rlhf.config import load_config
 from rlhf.rl.dispatch import StaleEngineError
 from rlhf.rl.experience import groups_with_signal
-from rlhf.rl.trainer import RLRun, RLStageError, run_rl
+from rlhf.rl.stage import run_rl
+from rlhf.rl.trainer import RLRun, RLStageError
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.e2e]
 
@@ -251,4 +252,12 @@ def test_bad_setups_fail_before_training(tmp_path, tiny_dir, ray_cluster):
         RLRun(cfg, str(tiny_dir), None)
     cfg = rl_config(tmp_path, "rl.reward.rule=nowhere:fn")
     with pytest.raises(RLStageError, match="cannot load"):
+        RLRun(cfg, str(tiny_dir), None)
+    # tiny_dir has 256 positions: 250 + 16 do not fit, named before any actor starts.
+    cfg = rl_config(tmp_path, "rl.max_prompt_length=250", "rl.rollout.max_new_tokens=16")
+    with pytest.raises(
+        RLStageError,
+        match=r"rl.max_prompt_length \+ rl.rollout.max_new_tokens = "
+        r"250 \+ 16 = 266 exceeds the model's max_position_embeddings = 256",
+    ):
         RLRun(cfg, str(tiny_dir), None)

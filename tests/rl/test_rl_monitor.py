@@ -13,7 +13,8 @@ import ray
 from test_rl_loop import REPO, SMALL, _Scorer, rl_config
 
 from rlhf.monitor import PausedRun
-from rlhf.rl.trainer import RLRun, _train
+from rlhf.rl.stage import _train
+from rlhf.rl.trainer import RLRun
 from rlhf.train.metrics import MetricsWriter
 
 pytestmark = [
@@ -38,7 +39,8 @@ def test_a_constant_reward_pauses_on_no_signal_and_cut_answers_warn(
 ):
     """A reward function that returns a constant gives every group equal scores: `no_signal`
     pauses after the first step (checkpoint + paused.json); the random model's answers all hit
-    rl.rollout.max_new_tokens, so `length` warns in the same step."""
+    rl.rollout.max_new_tokens, so `length` warns in the same step, and so does `entropy` below an
+    unreachable floor."""
     cfg = rl_config(
         tmp_path,
         "rl.algorithm=grpo",
@@ -47,6 +49,9 @@ def test_a_constant_reward_pauses_on_no_signal_and_cut_answers_warn(
         "monitor.no_signal.patience=1",
         "monitor.length.patience=1",
         "monitor.length.max_clipped_frac=0.2",
+        # A floor no policy reaches: the rule must see the trainer's entropy of this step.
+        "monitor.entropy.min_entropy=1000",
+        "monitor.entropy.patience=1",
     )
     run = RLRun(cfg, str(tiny_dir), None, reward_fn=lambda prompt, response, label: 0.5)
     writer = MetricsWriter(run.stage_dir, resume_step=-1)
@@ -65,6 +70,7 @@ def test_a_constant_reward_pauses_on_no_signal_and_cut_answers_warn(
     assert {(e["rule"], e["action"]) for e in events} == {
         ("no_signal", "pause"),
         ("length", "warn"),
+        ("entropy", "warn"),
     }
     assert run.steps_done == 1
 
