@@ -73,7 +73,10 @@ class ActorGroup:
                 )
             self.pg = colocate_with.pg
         else:
-            bundle = {"CPU": cpus_per_actor, **({"GPU": 1.0} if gpus_per_actor else {})}
+            # A fractional share rides on one whole GPU; more than one (a tensor-parallel
+            # engine) takes that many whole GPUs in its bundle.
+            gpu = max(1.0, gpus_per_actor)
+            bundle = {"CPU": cpus_per_actor, **({"GPU": gpu} if gpus_per_actor else {})}
             self.pg = placement_group([dict(bundle) for _ in range(num_actors)], strategy="PACK")
             ray.get(self.pg.ready(), timeout=120)
         remote_cls = ray.remote(actor_cls) if not hasattr(actor_cls, "remote") else actor_cls

@@ -47,8 +47,11 @@ class _Rank:
             else torch.device("cpu")
         )
 
-    def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    def _to_device(self, batch: Any) -> Any:
+        """An `Experience` (or a PPO-ptx batch dict) on this rank's device."""
+        if isinstance(batch, dict):
+            return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return batch.to(self.device)
 
     def ready(self) -> int:
         return self.rank
@@ -173,13 +176,13 @@ class PolicyActor(_Trained):
         self.version = 0
         self.nonfinite_streak = 0
         self.ptx, self.ptx_rows, self.ptx_drawn = None, None, 0
+        self.seed = cfg.run.seed
         if rl.ptx_coef > 0:
             from rlhf.data.stages import prepare_sft
 
             ptx_cfg = cfg.sft.model_copy(update={"train_files": rl.ptx_files, "eval_files": []})
             self.ptx_rows, _, _ = prepare_sft(ptx_cfg, model_path, seed=cfg.run.seed)
             self._start_ptx(0)
-        self.seed = cfg.run.seed
         self.weight_sender = None
 
     def _start_ptx(self, drawn: int) -> None:
@@ -187,7 +190,9 @@ class PolicyActor(_Trained):
         from rlhf.rl.worker import ptx_stream
 
         self.ptx_drawn = drawn
-        stream = ptx_stream(self.ptx_rows, self.rl.ptx_batch_size, self.seed + self.rank, drawn)
+        stream = ptx_stream(
+            self.ptx_rows, self.rl.ptx_batch_size, self.seed + self.rank, drawn, self.device
+        )
 
         def counted():
             for rows in stream:
@@ -264,19 +269,31 @@ class PolicyActor(_Trained):
         return [None if state is None else ray.put(state)]
 
     def init_weight_transfer(
-        self, rollout_actors: list, master_address: str, master_port: int, world_size: int
+        self, master_address: str, master_port: int, world_size: int, backend: str
     ) -> None:
-        """GPU: open vLLM's NCCL weight-transfer channel to the engines (packed buckets)."""
-        from actors.rollout import NCCLWeightSender
+        """Rank 0 joins the weight-sync group as its sender (member 0, host of its TCP store);
+        the other ranks are no members. Called on rank 0 while every engine joins."""
+        from actors.weight_sync import WeightBroadcast
 
-        self.weight_sender = NCCLWeightSender(
-            self.engine.module, rollout_actors, self.rank, master_address, master_port, world_size
+        self.weight_sender = WeightBroadcast(
+            master_address, master_port, world_size, rank=0, backend=backend
         )
 
-    def send_weights(self) -> int:
-        """GPU: broadcast the current weights to every engine over NCCL; every rank calls it."""
-        self.weight_sender.send(self.version)
-        return self.version
+    def send_weights(self, bucket_bytes: int) -> dict[str, float]:
+        """The full weights (LoRA merged) to every engine: all ranks gather (ZeRO-3 gathers are
+        collectives), rank 0 broadcasts them in buckets. Every rank must call it, while every
+        engine runs `receive_weights`."""
+        t0 = time.perf_counter()
+        state = self.full_weights()
+        gathered = time.perf_counter()
+        if self.rank != 0:
+            return {}
+        buckets = self.weight_sender.send(state, bucket_bytes)
+        return {
+            "weight_sync/gather_s": gathered - t0,
+            "weight_sync/broadcast_s": time.perf_counter() - gathered,
+            "weight_sync/buckets": float(buckets),
+        }
 
     def save(self, out_dir: str) -> None:
         from pathlib import Path

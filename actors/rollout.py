@@ -63,7 +63,6 @@ class RolloutEngine:
         seed: int = 0,
         enable_prefix_caching: bool = True,
         trust_remote_code: bool = False,
-        weight_transfer: str | None = None,
     ) -> None:
         """Build the engine (on CPU ~3 s, plus ~7 s for the first `import vllm` of a process).
 
@@ -71,7 +70,7 @@ class RolloutEngine:
         `dtype=None` is float32 on CPU (exact parity with the HF trainer), bfloat16 on GPU.
         `kv_cache_gb` sizes the KV cache; None is 0.25 GiB of RAM on CPU and, on GPU, what
         `gpu_memory_utilization` leaves after the weights. An explicit size also skips vLLM's
-        profiling run. `weight_transfer="nccl"` (GPU) opens vLLM's weight-transfer endpoint.
+        profiling run.
         """
         for key, value in _VLLM_ENV.items():
             os.environ.setdefault(key, value)
@@ -83,14 +82,8 @@ class RolloutEngine:
         on_gpu = torch.cuda.is_available()
         if kv_cache_gb is None and not on_gpu:
             kv_cache_gb = 0.25
-        extra = {}
-        if weight_transfer is not None:
-            from vllm.config import WeightTransferConfig
-
-            extra["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer)
         started = time.perf_counter()
         self.llm = LLM(
-            **extra,
             model=str(model_path),
             # The tokenizer is loaded only for its EOS id: without it vLLM never stops at EOS.
             skip_tokenizer_init=False,
@@ -100,6 +93,9 @@ class RolloutEngine:
             kv_cache_memory_bytes=None if kv_cache_gb is None else int(kv_cache_gb * 2**30),
             gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size,
+            # TP > 1: worker processes on the GPUs this actor holds (never vLLM's own Ray
+            # placement: the engine already sits in a bundle of our placement group).
+            distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
             enforce_eager=not on_gpu,  # CPU: no torch.compile warm-up (minutes on 2 cores)
             enable_prefix_caching=enable_prefix_caching,
             # Log-probabilities of the distribution actually sampled from (temperature, top-p).
@@ -237,10 +233,10 @@ def _check_fused_groups_whole(names: set[str]) -> None:
 class RolloutActor:
     """One vLLM engine as a Ray actor (thin: `RolloutEngine` does the work).
 
-    Weights arrive either through the object store (`load_weights`: CPU, or any machine) or over
-    NCCL through vLLM's weight-transfer protocol (the four methods below `load_weights`, driven by
-    `NCCLWeightSender` on policy rank 0). Every sample is stamped with the policy version whose
-    weights generated it.
+    Weights arrive either through the object store (`load_weights`) or as the bucketed broadcast
+    of policy rank 0 over gloo or NCCL (`init_weight_sync` + `receive_weights`, see
+    `actors/weight_sync.py`). Every sample is stamped with the policy version whose weights
+    generated it.
     """
 
     def __init__(self, cfg, model_path: str) -> None:
@@ -257,7 +253,7 @@ class RolloutActor:
             max_num_seqs=max(8, rc.chunk_size * cfg.rl.samples_per_prompt),
             seed=cfg.run.seed + engine_index,
             trust_remote_code=cfg.model.trust_remote_code,
-            weight_transfer="nccl" if on_gpu and cfg.rl.uses_nccl_sync else None,
+            tensor_parallel_size=rc.tensor_parallel_size,
         )
         self.index = engine_index
 
@@ -295,96 +291,21 @@ class RolloutActor:
     def version(self) -> int:
         return self.engine.weights_version
 
-    # vLLM's weight-transfer protocol (GPU), forwarded to the engine's workers.
-    def init_weight_transfer_engine(self, init_info: dict) -> None:
-        self.engine.llm.collective_rpc("init_weight_transfer_engine", args=(init_info,))
+    def init_weight_sync(self, address: str, port: int, world_size: int, backend: str) -> None:
+        """Join the weight-sync group as member 1 + engine index (`actors/weight_sync.py`); a
+        re-created engine joins a new group (the driver re-initialises every member)."""
+        from actors.weight_sync import WeightBroadcast
 
-    def start_weight_update(self) -> None:
-        self.engine.llm.collective_rpc("start_weight_update")
+        self.weight_sync = WeightBroadcast(address, port, world_size, 1 + self.index, backend)
 
-    def receive_weights(self, update_info: dict) -> None:
-        self.engine.llm.collective_rpc("update_weights", args=(update_info,))
-
-    def finish_weight_update(self, version: int) -> int:
-        self.engine.llm.collective_rpc("finish_weight_update")
-        self.engine.llm.reset_prefix_cache()
-        self.engine.weights_version = version
-        return version
-
-
-class _RolloutClient:
-    """vLLM's `VLLMWeightSyncClient` protocol over our RolloutActors: each call fans out to
-    every engine and waits for all of them."""
-
-    def __init__(self, actors: list, version: list[int]) -> None:
-        self.actors, self._version = actors, version
-
-    def _all(self, method: str, *args) -> None:
-        import ray
-
-        ray.get([getattr(a, method).remote(*args) for a in self.actors])
-
-    def init_weight_transfer_engine(self, init_info: dict) -> None:
-        self._all("init_weight_transfer_engine", init_info)
-
-    def start_weight_update(self) -> None:
-        self._all("start_weight_update")
-
-    def update_weights(self, update_info: dict) -> None:
-        self._all("receive_weights", update_info)
-
-    def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self._all("finish_weight_update", self._version[0])
-
-
-class NCCLWeightSender:
-    """Policy side of the GPU weight sync: vLLM's NCCL trainer engine, packed into buckets.
-
-    Built on every policy rank (rank 0 sends; with ZeRO-3 the others join the per-parameter
-    gathers). `send(version)` runs vLLM's start / update / finish round trip on every engine.
-    """
-
-    def __init__(
-        self,
-        module: torch.nn.Module,
-        actors: list,
-        rank: int,
-        master_address: str,
-        master_port: int,
-        world_size: int,
-    ) -> None:
-        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
-        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
-
-        self._version = [0]
-        info = NCCLTrainerInitInfo(
-            master_address=master_address, master_port=master_port, world_size=world_size, rank=rank
-        )
-        self.engine = WeightTransferTrainerFactory.trainer_init(
-            info, client=_RolloutClient(actors, self._version), source=_gathered_source(module)
-        )
-
-    def send(self, version: int) -> None:
-        self._version[0] = version
-        self.engine.send_weights()
-
-
-def _gathered_source(module: torch.nn.Module):
-    """vLLM `WeightSource` over the HF module, gathering ZeRO-3 partitions one at a time."""
-    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
-
-    from rlhf.engine import gathered_parameter
-
-    class Source(WeightSource):
-        def metadata(self):
-            return [
-                ParamMeta(name, p.dtype, tuple(getattr(p, "ds_shape", p.shape)))
-                for name, p in module.named_parameters()
-            ]
-
-        def __iter__(self):
-            for name, p in module.named_parameters():
-                with gathered_parameter(p):
-                    yield name, p.data.detach().clone()
-
-    return Source()
+    def receive_weights(self, version: int) -> float:
+        """Every bucket policy rank 0 broadcasts, loaded in place as it arrives (buckets keep
+        fused groups whole); afterwards the engine reports `version`. Returns the reload seconds
+        (waiting for buckets excluded)."""
+        reload_s = 0.0
+        for named in self.weight_sync.receive():
+            t0 = time.perf_counter()
+            self.engine.update_weights(named, version=version)
+            reload_s += time.perf_counter() - t0
+        self.engine.weights_version = version  # also when the policy sent no tensors
+        return reload_s

@@ -307,15 +307,25 @@ class TrainRoleConfig(RoleConfig):
 class RolloutConfig(Section):
     num_engines: int = Field(1, ge=1, description="vLLM engines (RolloutActors).")
     cpus_per_engine: float = Field(0.5, gt=0, description="CPUs per engine (a Ray resource).")
-    gpus_per_engine: float = Field(0.0, ge=0, le=1, description="GPU share per engine.")
+    gpus_per_engine: float = Field(
+        0.0, ge=0, le=1, description="GPU share per engine (per TP rank: whole GPUs when TP > 1)."
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vLLM tensor parallel size: an engine holds this many whole GPUs."
+    )
     kv_cache_gb: float | None = Field(None, gt=0, description="KV cache; None: vLLM default.")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM's GPU share.")
     max_new_tokens: int = Field(16, ge=1, description="Longest sampled response.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
     chunk_size: int = Field(8, ge=1, description="Prompts per dispatched request.")
-    weight_sync: Literal["auto", "object_store", "nccl"] = Field(
-        "auto", description="auto: vLLM's NCCL weight transfer on GPU, the object store on CPU."
+    weight_sync: Literal["auto", "object_store", "gloo", "nccl"] = Field(
+        "auto",
+        description="auto: nccl when policy and engines have GPUs, else object_store; gloo/nccl: "
+        "bucketed broadcast from policy rank 0 (actors/weight_sync.py).",
+    )
+    weight_bucket_mb: float = Field(
+        256.0, gt=0, description="gloo/nccl weight sync: size of one broadcast bucket, MiB."
     )
     max_logprob_gap: float = Field(
         0.05, gt=0, description="Mean |trainer - rollout| logprob above this: stale engine, stop."
@@ -422,14 +432,21 @@ class RLConfig(Section):
     reward: RewardSourceConfig = Field(default_factory=RewardSourceConfig)
 
     @property
-    def uses_nccl_sync(self) -> bool:
+    def weight_sync_backend(self) -> str:
+        """How weights reach the engines: "object_store", or a broadcast over "gloo" / "nccl"."""
         if self.rollout.weight_sync == "auto":
-            return (
-                self.rollout.gpus_per_engine > 0
-                and self.policy.gpus_per_actor > 0
-                and not self.policy.lora.enabled
-            )
-        return self.rollout.weight_sync == "nccl"
+            gpus = self.rollout.gpus_per_engine > 0 and self.policy.gpus_per_actor > 0
+            return "nccl" if gpus and not self._rollout_on_policy_gpus else "object_store"
+        return self.rollout.weight_sync
+
+    @property
+    def _rollout_on_policy_gpus(self) -> bool:
+        return any("rollout" in g and "policy" in g for g in self.colocate)
+
+    @property
+    def uses_broadcast_sync(self) -> bool:
+        """The bucketed broadcast (gloo or NCCL: one protocol) rather than the object store."""
+        return self.weight_sync_backend != "object_store"
 
     @property
     def kl_as_reward(self) -> bool:
@@ -509,10 +526,22 @@ class RLConfig(Section):
                 "rollout.weight_sync='nccl' needs GPUs for the policy and the "
                 "engines (gpus_per_actor, gpus_per_engine > 0)"
             )
-        if self.rollout.weight_sync == "nccl" and self.policy.lora.enabled:
+        if self.rollout.weight_sync == "nccl" and self._rollout_on_policy_gpus:
             raise ValueError(
-                "rollout.weight_sync='nccl' sends parameters by name; with "
-                "policy.lora.enabled use weight_sync='object_store' (merged weights)"
+                "rollout.weight_sync='nccl' with rollout colocated with the policy: NCCL cannot "
+                "join two ranks on one GPU; use weight_sync='object_store' (or 'auto')"
+            )
+        tp = self.rollout.tensor_parallel_size
+        if tp > 1 and self.rollout.gpus_per_engine != 1:
+            raise ValueError(
+                f"rollout.tensor_parallel_size={tp} shards an engine over {tp} whole GPUs: "
+                f"set rollout.gpus_per_engine=1 (got {self.rollout.gpus_per_engine}); "
+                "on CPU tensor_parallel_size must be 1"
+            )
+        if tp > 1 and any("rollout" in g for g in self.colocate):
+            raise ValueError(
+                f"rollout.tensor_parallel_size={tp}: a tensor-parallel engine holds whole GPUs "
+                "and cannot be colocated; remove rollout from rl.colocate"
             )
         if self.policy.lora.enabled and self.policy.zero_stage == 3:
             raise ValueError("policy.lora.enabled=True with policy.zero_stage=3: use 0-2")
@@ -559,7 +588,8 @@ class RLConfig(Section):
             if role in riders:
                 continue
             n = self._count(role)
-            gpus = float(n) if self._gpus(role) > 0 else 0.0
+            per = self.rollout.tensor_parallel_size if role == "rollout" else 1
+            gpus = float(n * per) if self._gpus(role) > 0 else 0.0
             out[role] = {"CPU": n * self._cpus(role), "GPU": gpus}
         return out
 
@@ -588,10 +618,32 @@ class EvalConfig(Section):
     )
 
 
+class JudgeConfig(Section):
+    """`rlhf label` (RLAIF) and `rlhf eval-judge`: who judges two answers, and the safety probes."""
+
+    constitution: str = Field(
+        "rlhf/data/samples/constitution.md", description="The AI judge's principles (a text file)."
+    )
+    model_path: str | None = Field(None, description="AI judge: a causal LM (HF folder).")
+    reward_model_path: str | None = Field(None, description="Reward-model judge: an RM checkpoint.")
+    rule: str = Field("exact_match", description="Rule judge and gold rule (as rl.reward.rule).")
+    rm_margin: float = Field(
+        0.0, ge=0, description="Reward-model judge: a score gap at or below this is a tie."
+    )
+    batch_size: int = Field(8, ge=1, description="Judge prompts per forward pass.")
+    max_length: int = Field(
+        2048, ge=16, description="Longest judge prompt in tokens; a longer one is an error."
+    )
+    safety_probes: str = Field(
+        "rlhf/data/samples/safety_probes.jsonl",
+        description="{id, category, prompt} harmful requests a policy should refuse.",
+    )
+
+
 class ServeConfig(Section):
     """`rlhf serve`: the policy behind an OpenAI-compatible Ray Serve app, feedback into a database."""
 
-    host: str = Field("127.0.0.1", description="HTTP bind address (Serve's proxy); loopback only.")
+    host: str = Field("127.0.0.1", description="HTTP bind address of Serve's proxy (loopback).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     token: str | None = Field(
         None, description="Bearer token every route but /health needs; None: generate one."
@@ -808,6 +860,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
 
     @model_validator(mode="after")
     def _columns_name_format_fields(self) -> Config:

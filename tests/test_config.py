@@ -168,3 +168,49 @@ def test_group_filtering_needs_groups():
                 "rl.mini_batch_size=32",
             ],
         )
+
+
+GPU_RL = ["run.stages=[]", "rl.policy.gpus_per_actor=1", "rl.rollout.gpus_per_engine=1"]
+
+
+def test_weight_sync_auto_broadcasts_over_nccl_only_between_separate_gpus():
+    def backend(*extra):
+        return load_config(None, ["run.stages=[]", *extra]).rl.weight_sync_backend
+
+    assert backend() == "object_store"  # CPU: the demo's path
+    assert backend("rl.rollout.weight_sync=gloo") == "gloo"  # the GPU protocol, testable on CPU
+    assert backend(*GPU_RL[1:]) == "nccl"
+    # An engine on its policy rank's GPU cannot share an NCCL group with it.
+    colocated = [
+        "rl.policy.gpus_per_actor=0.5",
+        "rl.rollout.gpus_per_engine=0.5",
+        "rl.colocate=[[policy, rollout]]",
+    ]
+    assert backend(*colocated) == "object_store"
+    with pytest.raises(ConfigError, match=r"weight_sync='nccl' with rollout colocated"):
+        backend(*colocated, "rl.rollout.weight_sync=nccl")
+    with pytest.raises(ConfigError, match=r"weight_sync='nccl' needs GPUs"):
+        backend("rl.rollout.weight_sync=nccl")
+
+
+def test_a_tensor_parallel_engine_holds_whole_gpus_and_cpu_engines_cannot_shard():
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size=2 .* on CPU .* must be 1"):
+        load_config(None, ["run.stages=[]", "rl.rollout.tensor_parallel_size=2"])
+    with pytest.raises(ConfigError, match=r"gpus_per_engine=1 \(got 0.5\)"):
+        load_config(
+            None, [*GPU_RL, "rl.rollout.gpus_per_engine=0.5", "rl.rollout.tensor_parallel_size=2"]
+        )
+    with pytest.raises(ConfigError, match=r"cannot be colocated"):
+        load_config(
+            None,
+            [
+                *GPU_RL,
+                "rl.rollout.tensor_parallel_size=2",
+                "rl.reference.gpus_per_actor=1",
+                "rl.colocate=[[reference, rollout]]",
+            ],
+        )
+    cfg = load_config(
+        None, [*GPU_RL, "rl.rollout.num_engines=3", "rl.rollout.tensor_parallel_size=2"]
+    )
+    assert cfg.rl.resource_requests()["rollout"]["GPU"] == 6.0  # 3 engines x 2 GPUs

@@ -198,7 +198,14 @@ def test_the_train_group_is_sized_by_the_largest_offline_stage_that_runs():
     assert limits == {"cpu": "3", "memory": "12Gi"}  # 4 GiB per CPU by default
 
     _, gpu = manifest(GPU)
-    (train,) = cluster_of(gpu)["workerGroupSpecs"]
+    train, *rl_groups = cluster_of(gpu)["workerGroupSpecs"]
+    assert {g["groupName"] for g in rl_groups} == {
+        "rl-policy",
+        "rl-reference",
+        "rl-critic",
+        "rl-reward-model",
+        "rl-rollout",
+    }
     # sft, rm, dpo: 8 workers x (8 CPUs, 1 GPU) each
     assert (train["replicas"], train["rayStartParams"]) == (8, {"num-cpus": "8", "num-gpus": "1"})
     limits = train["template"]["spec"]["containers"][0]["resources"]["limits"]
@@ -267,7 +274,7 @@ def test_the_entrypoint_is_an_rlhf_run_call_that_gives_the_same_config(config, e
 def test_every_ray_container_and_the_submitter_take_the_token_from_a_secret():
     _, doc = manifest(GPU, "--token-secret", "my-token")
     containers = [c for pod in pods(doc) for c in pod["spec"]["containers"]]
-    assert len(containers) == 1 + 1 + 1  # head, train group, submitter
+    assert len(containers) == 1 + 1 + 5 + 1  # head, train group, 5 RL role groups, submitter
     for c in containers:
         env = {e["name"]: e for e in c["env"]}
         assert env["RAY_AUTH_MODE"]["value"] == "token"

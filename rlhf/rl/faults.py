@@ -82,8 +82,8 @@ def recover(run: Any, exc: BaseException, snapshot: tuple, attempts: int) -> int
     run.prompt_cursor, run.version, run.kl.value = snapshot
     run.dispatcher.engines = run.groups["rollout"].actors
     if "rollout" in dead:
-        if rl.uses_nccl_sync:
-            run.init_nccl_sync()
+        if rl.uses_broadcast_sync:
+            run.init_weight_broadcast()
         run.push_weights()
     print(
         f"== rl fault: {where} died ({_cause(exc)}); re-created in "
@@ -104,8 +104,8 @@ def resync_after_train(run: Any, exc: BaseException) -> None:
     run.groups["rollout"].restart(dead["rollout"])
     run.restarts += len(dead["rollout"])
     run.dispatcher.engines = run.groups["rollout"].actors
-    if run.rl.uses_nccl_sync:
-        run.init_nccl_sync()
+    if run.rl.uses_broadcast_sync:
+        run.init_weight_broadcast()
     run.push_weights()
     print(
         f"== rl fault: rollout rank(s) {dead['rollout']} died during the weight sync "
@@ -129,8 +129,8 @@ def _restore_trained(run: Any, dead: dict, where: str, exc: BaseException) -> in
             run.groups[role].restart(ranks if role == "rollout" else None)
             run.restarts += len(ranks)
     run.dispatcher.engines = run.groups["rollout"].actors
-    if run.rl.uses_nccl_sync:
-        run.init_nccl_sync()
+    if run.rl.uses_broadcast_sync:
+        run.init_weight_broadcast()
     path = ck.newest(run.stage_dir / "checkpoints")
     if path is not None:
         run.restore(path)

@@ -13,7 +13,7 @@ Each step is a checklist of timed phases (`timing/<phase>` in the metrics):
     advantages    KL, rewards, GAE or group baselines (a Ray task; the batch stays in the store)
     train_critic  value regression (PPO only)
     train_policy  PPO epochs over mini-batches (+ KL loss, entropy, PPO-ptx)
-    weight_sync   new weights to every engine (object store on CPU, vLLM NCCL on GPU)
+    weight_sync   new weights to every engine (object store, or bucketed gloo/NCCL broadcast)
 
 The driver holds object refs and small metrics only; token tensors go from the store to actors.
 """
@@ -32,6 +32,7 @@ import ray
 import torch
 
 from rlhf.config import Config
+from rlhf.rl.experience import Experience
 
 
 class RLStageError(RuntimeError):
@@ -59,13 +60,13 @@ class AdvantageWorker:
     @ray.method(num_returns=2)
     def compute(
         self,
-        batch: dict,
+        batch: Experience,
         scores: Any,
         ref_parts: list,
         old_parts: list,
         value_parts: list,
         kwargs: dict,
-    ) -> tuple[dict, dict]:
+    ) -> tuple[Experience, dict]:
         """Returns (batch with advantages, metrics); only the metrics go to the driver."""
         return _advantages(batch, scores, ref_parts, old_parts, value_parts, kwargs)
 
@@ -80,8 +81,13 @@ class AdvantageWorker:
 
 
 def _advantages(
-    batch: dict, scores: Any, ref_parts: list, old_parts: list, value_parts: list, kwargs: dict
-) -> tuple[dict, dict]:
+    batch: Experience,
+    scores: Any,
+    ref_parts: list,
+    old_parts: list,
+    value_parts: list,
+    kwargs: dict,
+) -> tuple[Experience, dict]:
     from rlhf.algorithms import truncated_is_weights
     from rlhf.rl.experience import compute_advantages, concat_rows, groups_with_signal
 
@@ -90,18 +96,16 @@ def _advantages(
     if isinstance(scores, dict):  # from the reward model actors
         compute["compute/reward_s"] = scores["compute_s"]
         scores = scores["out"]
-    batch = {**batch, "scores": torch.as_tensor(scores, dtype=torch.float32)}
+    batch = batch.replace(scores=torch.as_tensor(scores, dtype=torch.float32))
     for key, refs in parts.items():
         if refs:
             got = ray.get(refs)
-            batch[key] = concat_rows([g["out"] for g in got])
+            batch = batch.replace(**{key: concat_rows([g["out"] for g in got])})
             compute[f"compute/{key}_s"] = max(g["compute_s"] for g in got)
     batch, metrics = compute_advantages(batch, **kwargs)
-    signal = groups_with_signal(batch["scores"].tolist(), kwargs["group_size"])
+    signal = groups_with_signal(batch.scores.tolist(), kwargs["group_size"])
     metrics["reward/flat_group_frac"] = 1.0 - sum(signal) / max(1, len(signal))
-    _, gap = truncated_is_weights(
-        batch["old_logprobs"], batch["rollout_logprobs"], batch["response_mask"]
-    )
+    _, gap = truncated_is_weights(batch.old_logprobs, batch.rollout_logprobs, batch.response_mask)
     metrics.update(gap)
     metrics.update(compute)
     return batch, metrics
@@ -155,6 +159,7 @@ class RLRun:
             if rl.kl_controller == "fixed"
             else KL_CONTROLLERS["adaptive"](rl.kl_coef, rl.kl_target, rl.kl_horizon)
         )
+        self._check_lengths(policy_dir)
         self.groups = self._start_actors(
             policy_dir, reward_model_dir, critic_init_dir or reward_model_dir or policy_dir
         )
@@ -171,8 +176,8 @@ class RLRun:
         self.monitor = Monitor(cfg.monitor)
         self.reload_s = 0.0
         self.prompt_cursor = 0  # prompts taken from the stream so far
-        if rl.uses_nccl_sync:
-            self.init_nccl_sync()
+        if rl.uses_broadcast_sync:
+            self.init_weight_broadcast()
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -203,10 +208,21 @@ class RLRun:
             raise RLStageError(f"no prompts in {[f.path for f in files]}")
         return out, report
 
+    def _check_lengths(self, policy_dir: str) -> None:
+        """Prompt + answer must fit the model's positions: checked before any engine starts (vLLM
+        would refuse it there with a traceback)."""
+        config = json.loads((Path(policy_dir) / "config.json").read_text())
+        limit = config.get("max_position_embeddings")
+        need = self.rl.max_prompt_length + self.rl.rollout.max_new_tokens
+        if limit is not None and need > limit:
+            raise RLStageError(
+                f"rl.max_prompt_length + rl.rollout.max_new_tokens = {self.rl.max_prompt_length} "
+                f"+ {self.rl.rollout.max_new_tokens} = {need} exceeds the model's "
+                f"max_position_embeddings = {limit} ({policy_dir}/config.json): lower one of them"
+            )
+
     def _start_actors(self, policy_dir: str, rm_dir: str | None, critic_dir: str) -> dict:
         from actors.group import ActorGroup, ResourceError, validate_resources
-        from actors.roles import ROLE_ACTORS
-        from actors.rollout import RolloutActor
 
         rl = self.rl
         try:
@@ -227,12 +243,32 @@ class RLRun:
             )
         host = {r: g[0] for g in rl.colocate for r in g}
         groups: dict[str, ActorGroup] = {}
+        try:
+            self._spawn_groups(groups, host, paths)
+            ray.get([a.__ray_ready__.remote() for g in groups.values() for a in g.actors])
+        except BaseException:  # an actor that failed to start: free what was reserved
+            for group in reversed(list(groups.values())):
+                group.kill()
+            raise
+        return groups
+
+    def _spawn_groups(self, groups: dict, host: dict, paths: dict) -> None:
+        """One ActorGroup per role, hosts before the roles colocated on their bundles."""
+        from actors.group import ActorGroup
+        from actors.roles import ROLE_ACTORS
+        from actors.rollout import RolloutActor
+
+        rl = self.rl
         order = sorted(rl.roles(), key=lambda r: (host.get(r, r) != r, r != "policy"))
         for role in order:
             spec = rl.rollout if role == "rollout" else getattr(rl, role)
             count = rl.rollout.num_engines if role == "rollout" else spec.num_actors
             cpus = rl.rollout.cpus_per_engine if role == "rollout" else spec.cpus_per_actor
-            gpus = rl.rollout.gpus_per_engine if role == "rollout" else spec.gpus_per_actor
+            gpus = (  # a tensor-parallel engine holds tensor_parallel_size whole GPUs
+                rl.rollout.gpus_per_engine * rl.rollout.tensor_parallel_size
+                if role == "rollout"
+                else spec.gpus_per_actor
+            )
             first = next((r for r in [host.get(role, role)] if r in groups and r != role), None)
             cls = RolloutActor if role == "rollout" else ROLE_ACTORS[role]
             groups[role] = ActorGroup(
@@ -244,17 +280,19 @@ class RLRun:
                 colocate_with=groups[first] if first else None,
                 actor_kwargs={"cfg": self.cfg, "model_path": paths[role]},
             )
-        ray.get([a.__ray_ready__.remote() for g in groups.values() for a in g.actors])
-        return groups
 
-    def init_nccl_sync(self) -> None:
+    def init_weight_broadcast(self) -> None:
+        """A fresh weight-sync group (gloo or NCCL): policy rank 0 as member 0 and the host of
+        its TCP store (a new port on its node), engine i as member 1 + i. All join at once."""
         from actors.group import _master_address
 
-        engines = self.groups["rollout"].actors
-        address, port = ray.get(_master_address.remote())
-        world = 1 + len(engines)
+        policy, engines = self.groups["policy"], self.groups["rollout"].actors
+        strategy = policy._strategy(0)  # the store listens on policy rank 0's node
+        address, port = ray.get(_master_address.options(scheduling_strategy=strategy).remote())
+        world, backend = 1 + len(engines), self.rl.weight_sync_backend
         ray.get(
-            self.groups["policy"].call_async("init_weight_transfer", engines, address, port, world)
+            [policy.actors[0].init_weight_transfer.remote(address, port, world, backend)]
+            + [e.init_weight_sync.remote(address, port, world, backend) for e in engines]
         )
 
     def shutdown(self) -> None:
@@ -494,8 +532,12 @@ class RLRun:
     def push_weights(self) -> None:
         """The policy's weights into every engine as `self.version`; afterwards all report it."""
         policy = self.groups["policy"]
-        if self.rl.uses_nccl_sync:
-            ray.get(policy.call_async("send_weights"))
+        if self.rl.uses_broadcast_sync:  # every policy rank gathers, rank 0 broadcasts buckets
+            bucket_bytes = int(self.rl.rollout.weight_bucket_mb * 2**20)
+            sent = policy.call_async("send_weights", bucket_bytes)
+            got = [e.receive_weights.remote(self.version) for e in self.groups["rollout"].actors]
+            self.sync_stats = ray.get(sent)[0]
+            self.reload_s = max(ray.get(got))
         else:
             refs = ray.get(policy.call_async("weights_ref"))[0]
             self.reload_s = max(
@@ -597,114 +639,3 @@ class RLRun:
                 scores = rule_rewards(self.reward_rule, questions, texts, labels)
                 out["eval/reward_mean"] = sum(scores) / len(scores)
         return out
-
-
-def run_rl(
-    cfg: Config, policy_dir: str, reward_model_dir: str | None = None, reward_fn: Any = None
-) -> dict:
-    """The RL stage of the pipeline; returns {"model", "wall_s", "metrics"} like run_stage.
-
-    Resumes from the newest valid checkpoint under `rl/checkpoints/` when there is one (the
-    metrics log continues from its step); a dead actor is re-created and the step retried
-    (`rlhf/rl/faults.py`).
-    """
-    from rlhf.rl import checkpoint as ck
-    from rlhf.train.metrics import MetricsWriter
-
-    started = time.time()
-    rl = cfg.rl
-    out_dir = cfg.run.dir.resolve() / "rl"
-    done = out_dir / "done.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resume = ck.newest(out_dir / "checkpoints")
-    run = RLRun(cfg, policy_dir, reward_model_dir, reward_fn=reward_fn)
-    writer = None
-    try:
-        if resume is not None:
-            state = run.restore(resume)
-            before = state["before"]
-            print(f"== rl: resumed from {resume} (step {run.steps_done})", flush=True)
-            writer = MetricsWriter(out_dir, resume_step=run.steps_done)
-            paused = out_dir / "paused.json"
-            if paused.exists():  # the user has changed the config or acknowledged the rule
-                writer.log_event("resumed_after_pause", json.loads(paused.read_text()))
-                paused.unlink()
-        else:
-            writer = MetricsWriter(out_dir, resume_step=-1)
-            writer.log_event("prompts", run.prompt_report)
-            before = run.evaluate()
-            writer.log(0, {f"rl/{k}": v for k, v in before.items()}, total=rl.max_steps)
-        metrics = _train(run, writer, before)
-        model_dir = out_dir / "model"
-        tmp = out_dir / "model.tmp"
-        ray.get(run.groups["policy"].call_async("save", str(tmp)))
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        tmp.rename(model_dir)
-    finally:
-        if writer is not None:
-            writer.close()
-        run.shutdown()
-    final = {f"rl/{k}": v for k, v in metrics.items()}
-    final.update({f"rl/before_{k.split('/', 1)[1]}": v for k, v in before.items()})
-    result = {"model": str(model_dir), "wall_s": round(time.time() - started, 1), "metrics": final}
-    done.write_text(json.dumps(result, indent=1))
-    return result
-
-
-def _watch(run: RLRun, writer: Any, metrics: dict[str, float], before: dict) -> None:
-    """The monitor's rules on this step's metrics: log every event; a `stop` ends the stage
-    (MonitorStop), a `pause` checkpoints this step, writes paused.json and raises PausedRun."""
-    from rlhf.monitor import MonitorStop, PausedRun, blocking, write_pause
-
-    events = run.monitor.check(run.steps_done, metrics)
-    for event in events:
-        writer.log_event("monitor", event.to_dict(), at_step=event.step)
-        print(f"== monitor {event.action}: {event.message}", flush=True)
-    event = blocking(events)
-    if event is None:
-        return
-    if event.action == "stop":
-        raise MonitorStop(event)
-    run.save_checkpoint({"before": before})
-    raise PausedRun(event, write_pause(run.stage_dir, event, run.steps_done))
-
-
-def _train(run: RLRun, writer: Any, before: dict) -> dict[str, float]:
-    """Steps from `run.steps_done` to rl.max_steps: evaluate, log, checkpoint every
-    rl.save_interval steps; a dead actor is recovered and the step retried."""
-    from rlhf.rl.faults import recover, recoverable
-
-    rl = run.rl
-    metrics: dict[str, float] = {}
-    attempts = 0
-    save_s = None  # seconds of the last checkpoint, logged with the next step
-    while run.steps_done < rl.max_steps:
-        step = run.steps_done
-        snapshot = (run.prompt_cursor, run.version, run.kl.value)
-        try:
-            metrics = run.step(step)
-            last = step + 1 == rl.max_steps
-            if (step + 1) % rl.eval_interval == 0 or last:
-                metrics.update(run.evaluate())
-        except recoverable() as exc:
-            attempts += 1
-            restored = recover(run, exc, snapshot, attempts)
-            if restored is not None:  # a trained role: back to its newest checkpoint
-                writer.rewind(restored)
-            continue
-        attempts = 0
-        run.steps_done = step + 1
-        metrics["fault/restarts"] = float(run.restarts)
-        if save_s is not None:
-            metrics["checkpoint/save_s"], save_s = save_s, None
-        writer.log(run.steps_done, {f"rl/{k}": v for k, v in metrics.items()}, total=rl.max_steps)
-        _watch(run, writer, metrics, before)
-        # Logged first: a kill between the two resumes from the previous checkpoint and drops
-        # the lines after it, so no step is logged twice or lost.
-        if run.steps_done % rl.save_interval == 0 and run.steps_done < rl.max_steps:
-            path, save_s = run.save_checkpoint({"before": before})
-            print(f"== rl: checkpoint {path.name} in {save_s:.2f}s", flush=True)
-    return metrics

@@ -29,53 +29,53 @@ from rlhf.algorithms import (
 )
 from rlhf.config import RLConfig, TrainRoleConfig
 from rlhf.rl.experience import (
+    Experience,
     minibatches,
     rank_bounds,
     response_logits,
     response_tokens,
-    slice_rows,
-    take_rows,
 )
 
 
-def my_rows(batch: dict, rank: int, world: int) -> dict:
-    lo, hi = rank_bounds(batch["input_ids"].shape[0], rank, world)
-    return slice_rows(batch, lo, hi)
+def my_rows(batch: Experience, rank: int, world: int) -> Experience:
+    """This rank's contiguous slice of the rows."""
+    return batch.rows(*rank_bounds(batch.num_rows, rank, world))
 
 
-def _chunks(batch: dict, size: int) -> Iterator[dict]:
-    n = batch["input_ids"].shape[0]
-    for start in range(0, n, size):
-        yield slice_rows(batch, start, start + size)
+def _chunks(batch: Experience, size: int) -> Iterator[Experience]:
+    for start in range(0, batch.num_rows, size):
+        yield batch.rows(start, start + size)
 
 
 @torch.no_grad()
 def response_logprobs(
-    model: torch.nn.Module, batch: dict, micro_batch_size: int, temperature: float = 1.0
+    model: torch.nn.Module, batch: Experience, micro_batch_size: int, temperature: float = 1.0
 ) -> torch.Tensor:
     """log p(response token) under `model` at the sampling temperature: (B, R), 0 on padding."""
     parts = []
     for chunk in _chunks(batch, micro_batch_size):
         logits = response_logits(model, chunk).float() / temperature
-        parts.append(token_logprobs(logits, response_tokens(chunk)) * chunk["response_mask"])
-    return torch.cat(parts) if parts else torch.zeros_like(batch["response_mask"])
+        parts.append(token_logprobs(logits, response_tokens(chunk)) * chunk.response_mask)
+    return torch.cat(parts) if parts else torch.zeros_like(batch.response_mask)
 
 
 @torch.no_grad()
-def response_values(critic: torch.nn.Module, batch: dict, micro_batch_size: int) -> torch.Tensor:
+def response_values(
+    critic: torch.nn.Module, batch: Experience, micro_batch_size: int
+) -> torch.Tensor:
     """V(state before each response token): (B, R), 0 on padding."""
     parts = []
     for chunk in _chunks(batch, micro_batch_size):
-        parts.append(_values(critic, chunk) * chunk["response_mask"])
-    return torch.cat(parts) if parts else torch.zeros_like(batch["response_mask"])
+        parts.append(_values(critic, chunk) * chunk.response_mask)
+    return torch.cat(parts) if parts else torch.zeros_like(batch.response_mask)
 
 
-def _values(critic: torch.nn.Module, batch: dict) -> torch.Tensor:
-    P = batch["input_ids"].shape[1] - batch["response_mask"].shape[1]
+def _values(critic: torch.nn.Module, batch: Experience) -> torch.Tensor:
+    P = batch.prompt_length
     out = critic(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
         use_cache=False,
     )
     return out.logits.squeeze(-1)[:, P - 1 : -1].float()
@@ -83,15 +83,15 @@ def _values(critic: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def sequence_scores(
-    reward_model: torch.nn.Module, batch: dict, micro_batch_size: int
+    reward_model: torch.nn.Module, batch: Experience, micro_batch_size: int
 ) -> torch.Tensor:
     """The reward model's score of each (prompt, response): (B,)."""
     parts = []
     for chunk in _chunks(batch, micro_batch_size):
         out = reward_model(
-            input_ids=chunk["input_ids"],
-            attention_mask=chunk["attention_mask"],
-            position_ids=chunk["position_ids"],
+            input_ids=chunk.input_ids,
+            attention_mask=chunk.attention_mask,
+            position_ids=chunk.position_ids,
             use_cache=False,
         )
         parts.append(out.logits.squeeze(-1).float())
@@ -100,8 +100,8 @@ def sequence_scores(
 
 def _normaliser(mb: dict, mode: str) -> float:
     if mode == "token_mean":
-        return float(mb["response_mask"].sum().clamp(min=1.0))
-    return float(mb["input_ids"].shape[0])
+        return float(mb.response_mask.sum().clamp(min=1.0))
+    return float(mb.num_rows)
 
 
 def _average(sums: dict[str, float], count: float) -> dict[str, float]:
@@ -120,7 +120,7 @@ def _add(sums: dict[str, float], metrics: dict[str, float]) -> None:
 
 def policy_update(
     engine: Any,
-    batch: dict,
+    batch: Experience,
     rl: RLConfig,
     role: TrainRoleConfig,
     rank: int,
@@ -143,29 +143,29 @@ def policy_update(
     sums: dict[str, float] = {}
     count = 0
     skipped = 0
-    n = batch["input_ids"].shape[0]
+    n = batch.num_rows
     temperature = rl.rollout.temperature
     for epoch in range(rl.ppo_epochs):
         for index in minibatches(n, rl.mini_batch_size, seed_of(step, epoch)):
-            mb = take_rows(batch, index)
+            mb = batch.take(index)
             norm = _normaliser(mb, rl.loss_mode)
             mine = my_rows(mb, rank, world)
             for k in range(gas):
-                chunk = slice_rows(mine, k * micro, (k + 1) * micro)
-                mask = chunk["response_mask"]
+                chunk = mine.rows(k * micro, (k + 1) * micro)
+                mask = chunk.response_mask
                 logits = response_logits(engine.module, chunk).float() / temperature
                 logp = token_logprobs(logits, response_tokens(chunk))
                 is_weights = None
                 metrics: dict[str, float] = {}
                 if rl.truncated_is_cap is not None:
                     is_weights, gap = truncated_is_weights(
-                        chunk["old_logprobs"], chunk["rollout_logprobs"], mask, rl.truncated_is_cap
+                        chunk.old_logprobs, chunk.rollout_logprobs, mask, rl.truncated_is_cap
                     )
                     metrics.update(gap)
                 loss, pm = ppo_policy_loss(
                     logp,
-                    chunk["old_logprobs"],
-                    chunk["advantages"],
+                    chunk.old_logprobs,
+                    chunk.advantages,
                     mask,
                     clip_eps_low=rl.clip_eps_low,
                     clip_eps_high=rl.clip_eps_high,
@@ -179,13 +179,13 @@ def policy_update(
                 if not rl.kl_as_reward and kl_coef > 0:
                     kl_term, km = kl_loss(
                         logp,
-                        chunk["ref_logprobs"],
+                        chunk.ref_logprobs,
                         mask,
                         kl_coef,
                         rl.kl_estimate,
                         rl.loss_mode,
                         norm,
-                        ratio=torch.exp(logp.detach() - chunk["old_logprobs"]) * mask,
+                        ratio=torch.exp(logp.detach() - chunk.old_logprobs) * mask,
                     )
                     loss = loss + kl_term
                     metrics["policy/kl_loss"] = kl_term.item() * world * gas
@@ -212,7 +212,13 @@ def policy_update(
 
 
 def critic_update(
-    engine: Any, batch: dict, rl: RLConfig, role: TrainRoleConfig, rank: int, world: int, step: int
+    engine: Any,
+    batch: Experience,
+    rl: RLConfig,
+    role: TrainRoleConfig,
+    rank: int,
+    world: int,
+    step: int,
 ) -> dict[str, float]:
     """Value regression to the GAE returns, PPO2-clipped around the rollout-time values."""
     from rlhf.train.loop import backward_step
@@ -222,20 +228,20 @@ def critic_update(
     sums: dict[str, float] = {}
     count = 0
     skipped = 0
-    n = batch["input_ids"].shape[0]
+    n = batch.num_rows
     for epoch in range(rl.ppo_epochs):
         for index in minibatches(n, rl.mini_batch_size, seed_of(step, epoch)):
-            mb = take_rows(batch, index)
+            mb = batch.take(index)
             norm = _normaliser(mb, rl.loss_mode)
             mine = my_rows(mb, rank, world)
             for k in range(gas):
-                chunk = slice_rows(mine, k * micro, (k + 1) * micro)
+                chunk = mine.rows(k * micro, (k + 1) * micro)
                 values = _values(engine.module, chunk)
                 loss, metrics = value_loss(
                     values,
-                    chunk["values"],
-                    chunk["returns"],
-                    chunk["response_mask"],
+                    chunk.values,
+                    chunk.returns,
+                    chunk.response_mask,
                     rl.value_clip,
                     rl.loss_mode,
                     norm,
@@ -275,10 +281,12 @@ def _last_step_skipped(engine: Any) -> bool:
     return bool(getattr(opt, "last_step_skipped", False))
 
 
-def ptx_stream(rows: Any, batch_size: int, seed: int, start: int = 0) -> Iterator[dict]:
-    """Endless shuffled batches of tokenized SFT rows (input_ids, labels) for PPO-ptx, from
-    batch number `start` on (a new permutation every epoch; a resumed run passes the count it had
-    drawn)."""
+def ptx_stream(
+    rows: Any, batch_size: int, seed: int, start: int = 0, device: torch.device | str = "cpu"
+) -> Iterator[dict]:
+    """Endless shuffled batches of tokenized SFT rows (input_ids, labels) for PPO-ptx, on
+    `device` (the policy's training device), from batch number `start` on (a new permutation
+    every epoch; a resumed run passes the count it had drawn)."""
     from rlhf.train.tasks import _lm_collate
 
     per_epoch = len(rows) // batch_size
@@ -289,5 +297,6 @@ def ptx_stream(rows: Any, batch_size: int, seed: int, start: int = 0) -> Iterato
         gen = torch.Generator().manual_seed(seed + epoch)
         order = torch.randperm(len(rows), generator=gen).tolist()
         for b in range(skip, per_epoch):
-            yield _lm_collate([rows[i] for i in order[b * batch_size : (b + 1) * batch_size]])
+            batch = _lm_collate([rows[i] for i in order[b * batch_size : (b + 1) * batch_size]])
+            yield {k: v.to(device) for k, v in batch.items()}
         epoch, skip = epoch + 1, 0
