@@ -12,7 +12,6 @@ by the driver) and returns its own slice's result as `{"out": tensor, "compute_s
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -98,46 +97,47 @@ class _Trained(_Rank):
         pass
 
     def save_state(self, path: str, step: int, fingerprint: str) -> float:
-        """This rank's DeepSpeed state (model, optimizer, scheduler) under `path`; rank 0 adds
-        the actor's own state and, after DeepSpeed's closing barrier, the manifest of the whole
-        part. Every rank must call it. Returns the seconds it took."""
+        """This rank's part of an RL checkpoint under `path` (shared by the role's ranks), written
+        by the training core the offline stages use; rank 0 adds the actor's own state. Every
+        rank must call it. Returns the seconds it took."""
         from pathlib import Path
 
-        from rlhf import engine as eng
-        from rlhf.train.checkpoint import write_manifest
+        from rlhf.train.core import save_part
 
         t0 = time.perf_counter()
-        root = Path(path)
-        eng.save_engine_state(self.engine, root / "engine")
-        if self.rank == 0:
-            state = {"nonfinite_streak": self.nonfinite_streak, **self._extra_state()}
-            (root / "actor_state.json").write_text(json.dumps(state))
-            files = [p for p in root.rglob("*") if p.is_file() and "manifest" not in p.name]
-            write_manifest(root, files, rank=0, world_size=1, step=step, fingerprint=fingerprint)
+        state = {"nonfinite_streak": self.nonfinite_streak, **self._extra_state()}
+        save_part(
+            self.engine,
+            Path(path),
+            state,
+            rank=self.rank,
+            world=self.world,
+            step=step,
+            fingerprint=fingerprint,
+        )
         return time.perf_counter() - t0
 
     def load_state(self, path: str) -> None:
         from pathlib import Path
 
-        from rlhf import engine as eng
+        from rlhf.train.core import load_part
 
-        eng.load_engine_state(self.engine, Path(path) / "engine")
-        state = json.loads((Path(path) / "actor_state.json").read_text())
+        state = load_part(self.engine, Path(path))
         self.nonfinite_streak = state["nonfinite_streak"]
         self._load_extra_state(state)
 
     def _check_nonfinite(self, out: dict[str, float]) -> None:
         """Abort after rl.max_nonfinite_steps RL steps in a row whose updates were all skipped."""
-        from rlhf.train.loop import NonFiniteError
+        from rlhf.train.core import nonfinite_streak
 
         all_skipped = out[f"{self.role_name}/skipped_steps"] >= _optimizer_steps(self.rl, 1)
-        self.nonfinite_streak = self.nonfinite_streak + 1 if all_skipped else 0
-        if self.nonfinite_streak >= self.rl.max_nonfinite_steps:
-            raise NonFiniteError(
-                f"rl.{self.role_name}: every optimizer step of the last {self.nonfinite_streak} "
-                f"RL steps had a non-finite loss or gradient; lower rl.{self.role_name}.lr or "
-                "check the rewards"
-            )
+        self.nonfinite_streak = nonfinite_streak(
+            self.nonfinite_streak,
+            all_skipped,
+            self.rl.max_nonfinite_steps,
+            f"every optimizer step of those RL steps of rl.{self.role_name} was skipped: lower "
+            f"rl.{self.role_name}.lr or check the rewards",
+        )
 
 
 def _optimizer_steps(rl: Any, rl_steps: int | None = None) -> int:

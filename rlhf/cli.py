@@ -5,9 +5,15 @@
     rlhf config configs/tiny_cpu.yaml dpo.loss=ipo       # print the validated config as YAML
     rlhf eval configs/tiny_cpu.yaml --model sft=runs/tiny_cpu/sft/model \
         --model rl=runs/tiny_cpu/rl/model                # held-out accuracy, paired tests
+    rlhf report runs/tiny_cpu                            # rebuild runs/tiny_cpu/report.html
+    rlhf serve configs/tiny_cpu.yaml --model runs/tiny_cpu/rl/model   # also: feedback, sample
+    rlhf label configs/tiny_cpu.yaml --answers A.jsonl --judge model=M --out pairs.jsonl  # RLAIF
+    rlhf eval-judge configs/tiny_cpu.yaml --model sft=S --model rl=R --judge rule  # win rate, safety
+    rlhf kuberay configs/qwen2.5_1.5b_gpu.yaml --image IMG   # a KubeRay RayJob (--cluster: RayCluster)
 
 User mistakes (bad config, bad data, unusable checkpoints, a diverging run) end with one clear
-`error:` message and exit code 2, not a traceback.
+`error:` message and exit code 2, not a traceback. A run the monitor paused (rlhf/monitor.py) exits
+with code 3 and a paragraph saying why and how to go on.
 """
 
 from __future__ import annotations
@@ -17,18 +23,56 @@ import sys
 
 import yaml
 
+from rlhf import judge_commands
 from rlhf.config import ConfigError, load_config
+from rlhf.serve import commands as serve_commands
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from rlhf.data import DataError
+    from rlhf.monitor import MonitorStop
+    from rlhf.report import ReportError
+    from rlhf.rl.dispatch import StaleEngineError
+    from rlhf.rl.rewards import RewardError
+    from rlhf.rl.trainer import RLStageError
+    from rlhf.serve.db import DatabaseError
     from rlhf.train.checkpoint import CheckpointError
+    from rlhf.train.core import NonFiniteError
     from rlhf.train.trainer import StageFailedError
 
-    return (ConfigError, DataError, CheckpointError, StageFailedError)
+    return (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        StageFailedError,
+        MonitorStop,
+        ReportError,
+        DatabaseError,
+        RLStageError,
+        StaleEngineError,
+        RewardError,
+        NonFiniteError,
+    )
 
 
-def main(argv: list[str] | None = None) -> int:
+def exit_status(exc: BaseException) -> int | None:
+    """Print how an expected ending went and return its exit code: 3 for a monitor pause (the
+    paragraph saying why and how to go on), 2 for a user error; None: a bug, let it raise."""
+    from rlhf.monitor import PausedRun
+
+    if isinstance(exc, PausedRun):
+        print(str(exc), file=sys.stderr)
+        return 3
+    if isinstance(exc, _user_errors()):
+        # Raised in an actor, it arrives as a Ray task error that is also the original type
+        # and whose text is the remote traceback; `cause` holds the original message.
+        cause = getattr(exc, "cause", None)
+        print(f"error: {cause if isinstance(cause, BaseException) else exc}", file=sys.stderr)
+        return 2
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in [("run", "run the pipeline"), ("config", "print the resolved config")]:
@@ -52,9 +96,33 @@ def main(argv: list[str] | None = None) -> int:
         help="a policy checkpoint (HF folder); the first is the baseline",
     )
     p.add_argument("--reward-model", metavar="PATH", help="also judge answers with this RM")
-    args = parser.parse_args(argv)
+    p = sub.add_parser("report", help="rebuild a run's report.html from its files")
+    p.add_argument("run_dir", help="a run folder, e.g. runs/tiny_cpu")
+    serve_commands.add_parsers(sub)
+    judge_commands.add_parsers(sub)
+    from rlhf import kuberay
+
+    kuberay.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
+        if args.command == "report":
+            from rlhf.report import build_report
+
+            print(build_report(args.run_dir))
+            return 0
         cfg = load_config(args.config, args.overrides)
+        if args.command in judge_commands.COMMANDS:
+            return judge_commands.run_command(cfg, args)
+        if args.command in serve_commands.COMMANDS:
+            return serve_commands.run_command(cfg, args)
+        if args.command == "kuberay":
+            from rlhf import kuberay
+
+            return kuberay.run_command(cfg, args)
         if args.command == "config":
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
             return 0
@@ -64,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
 
         run_pipeline(cfg)
         return 0
-    except _user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        code = exit_status(exc)
+        if code is None:
+            raise
+        return code
 
 
 def _eval(cfg, models: list[str], rm_dir: str | None) -> int:

@@ -11,7 +11,7 @@ Loss normalisation follows the offline loop: a mini-batch's loss is divided by i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -118,6 +118,46 @@ def _add(sums: dict[str, float], metrics: dict[str, float]) -> None:
         sums[k] = sums.get(k, 0.0) + float(v)
 
 
+def _updates(
+    engine: Any,
+    batch: Experience,
+    rl: RLConfig,
+    role: TrainRoleConfig,
+    rank: int,
+    world: int,
+    step: int,
+    loss_fn: Callable[[Experience, float, int], tuple[torch.Tensor, dict[str, float]]],
+    prefix: str,
+) -> dict[str, float]:
+    """rl.ppo_epochs passes over the batch in shuffled mini-batches of rl.mini_batch_size, one
+    optimizer step each through the shared training core (`rlhf.train.core.accumulate`: this
+    rank's slice of the mini-batch in micro-batches, the non-finite guard). `loss_fn(micro,
+    normaliser, gas)` gets the mini-batch's global token (or sequence) count as normaliser.
+    Metrics are averaged over every micro-batch of every rank."""
+    from rlhf.train.core import accumulate, last_step_skipped  # DeepSpeed: only in the actors
+
+    micro = role.micro_batch_size
+    gas = rl.mini_batch_size // (micro * world)
+    sums: dict[str, float] = {}
+    count = bad = skipped = 0
+    for epoch in range(rl.ppo_epochs):
+        for index in minibatches(batch.num_rows, rl.mini_batch_size, seed_of(step, epoch)):
+            mb = batch.take(index)
+            norm = _normaliser(mb, rl.loss_mode)
+            mine = my_rows(mb, rank, world)
+            chunks = (mine.rows(k * micro, (k + 1) * micro) for k in range(gas))
+            part, n, b = accumulate(
+                engine, chunks, lambda chunk, norm=norm: loss_fn(chunk, norm, gas), world, gas
+            )
+            _add(sums, part)
+            count, bad = count + n, bad + b
+            skipped += int(last_step_skipped(engine))
+    out = _average({**sums, f"{prefix}/nonfinite_loss": float(bad)}, count)
+    out[f"{prefix}/lr"] = engine.get_lr()[0]
+    out[f"{prefix}/skipped_steps"] = float(skipped)
+    return out
+
+
 def policy_update(
     engine: Any,
     batch: Experience,
@@ -131,84 +171,61 @@ def policy_update(
 ) -> dict[str, float]:
     """PPO epochs over shuffled mini-batches: clipped surrogate (+ KL loss, entropy, PPO-ptx).
 
-    `kl_coef`: the KL controller's live coefficient (None: the static `rl.kl_coef`).
-    Backward and step go through the training core (`backward_step`): a non-finite loss skips
-    the optimizer step on every rank and is counted in `policy/nonfinite_loss`.
+    `kl_coef`: the KL controller's live coefficient (None: the static `rl.kl_coef`). A
+    non-finite loss skips the optimizer step on every rank (`policy/nonfinite_loss`).
     """
-    from rlhf.train.loop import backward_step
-
     kl_coef = rl.kl_coef if kl_coef is None else kl_coef
-    micro = role.micro_batch_size
-    gas = rl.mini_batch_size // (micro * world)
-    sums: dict[str, float] = {}
-    count = 0
-    skipped = 0
-    n = batch.num_rows
     temperature = rl.rollout.temperature
-    for epoch in range(rl.ppo_epochs):
-        for index in minibatches(n, rl.mini_batch_size, seed_of(step, epoch)):
-            mb = batch.take(index)
-            norm = _normaliser(mb, rl.loss_mode)
-            mine = my_rows(mb, rank, world)
-            for k in range(gas):
-                chunk = mine.rows(k * micro, (k + 1) * micro)
-                mask = chunk.response_mask
-                logits = response_logits(engine.module, chunk).float() / temperature
-                logp = token_logprobs(logits, response_tokens(chunk))
-                is_weights = None
-                metrics: dict[str, float] = {}
-                if rl.truncated_is_cap is not None:
-                    is_weights, gap = truncated_is_weights(
-                        chunk.old_logprobs, chunk.rollout_logprobs, mask, rl.truncated_is_cap
-                    )
-                    metrics.update(gap)
-                loss, pm = ppo_policy_loss(
-                    logp,
-                    chunk.old_logprobs,
-                    chunk.advantages,
-                    mask,
-                    clip_eps_low=rl.clip_eps_low,
-                    clip_eps_high=rl.clip_eps_high,
-                    dual_clip=rl.dual_clip,
-                    mode=rl.loss_mode,
-                    normaliser=norm,
-                    is_weights=is_weights,
-                )
-                metrics.update(pm)
-                metrics["policy/pg_loss"] = loss.item() * world * gas
-                if not rl.kl_as_reward and kl_coef > 0:
-                    kl_term, km = kl_loss(
-                        logp,
-                        chunk.ref_logprobs,
-                        mask,
-                        kl_coef,
-                        rl.kl_estimate,
-                        rl.loss_mode,
-                        norm,
-                        ratio=torch.exp(logp.detach() - chunk.old_logprobs) * mask,
-                    )
-                    loss = loss + kl_term
-                    metrics["policy/kl_loss"] = kl_term.item() * world * gas
-                entropy = entropy_from_logits(logits)
-                if rl.entropy_coef > 0:
-                    loss = loss - rl.entropy_coef * aggregate_loss(
-                        entropy, mask, rl.loss_mode, norm
-                    )
-                metrics["policy/entropy"] = masked_mean(entropy.detach(), mask).item()
-                if ptx_rows is not None and rl.ptx_coef > 0:
-                    ptx = next(ptx_rows)
-                    ptx_nll = _lm_nll_mean(engine.module, ptx)
-                    loss = loss + rl.ptx_coef * ptx_nll / (world * gas)
-                    metrics["policy/ptx_loss"] = ptx_nll.item()
-                _, bad = backward_step(engine, loss, world, gas)
-                metrics["policy/nonfinite_loss"] = float(bad)
-                _add(sums, metrics)
-                count += 1
-            skipped += int(_last_step_skipped(engine))
-    out = _average(sums, count)
-    out["policy/lr"] = engine.get_lr()[0]
-    out["policy/skipped_steps"] = float(skipped)
-    return out
+
+    def loss_fn(chunk: Experience, norm: float, gas: int) -> tuple[torch.Tensor, dict]:
+        mask = chunk.response_mask
+        logits = response_logits(engine.module, chunk).float() / temperature
+        logp = token_logprobs(logits, response_tokens(chunk))
+        is_weights = None
+        metrics: dict[str, float] = {}
+        if rl.truncated_is_cap is not None:
+            is_weights, gap = truncated_is_weights(
+                chunk.old_logprobs, chunk.rollout_logprobs, mask, rl.truncated_is_cap
+            )
+            metrics.update(gap)
+        loss, pm = ppo_policy_loss(
+            logp,
+            chunk.old_logprobs,
+            chunk.advantages,
+            mask,
+            clip_eps_low=rl.clip_eps_low,
+            clip_eps_high=rl.clip_eps_high,
+            dual_clip=rl.dual_clip,
+            mode=rl.loss_mode,
+            normaliser=norm,
+            is_weights=is_weights,
+        )
+        metrics.update(pm)
+        metrics["policy/pg_loss"] = loss.item() * world * gas
+        if not rl.kl_as_reward and kl_coef > 0:
+            kl_term, _ = kl_loss(
+                logp,
+                chunk.ref_logprobs,
+                mask,
+                kl_coef,
+                rl.kl_estimate,
+                rl.loss_mode,
+                norm,
+                ratio=torch.exp(logp.detach() - chunk.old_logprobs) * mask,
+            )
+            loss = loss + kl_term
+            metrics["policy/kl_loss"] = kl_term.item() * world * gas
+        entropy = entropy_from_logits(logits)
+        if rl.entropy_coef > 0:
+            loss = loss - rl.entropy_coef * aggregate_loss(entropy, mask, rl.loss_mode, norm)
+        metrics["policy/entropy"] = masked_mean(entropy.detach(), mask).item()
+        if ptx_rows is not None and rl.ptx_coef > 0:
+            ptx_nll = _lm_nll_mean(engine.module, next(ptx_rows))
+            loss = loss + rl.ptx_coef * ptx_nll / (world * gas)
+            metrics["policy/ptx_loss"] = ptx_nll.item()
+        return loss, metrics
+
+    return _updates(engine, batch, rl, role, rank, world, step, loss_fn, "policy")
 
 
 def critic_update(
@@ -221,41 +238,22 @@ def critic_update(
     step: int,
 ) -> dict[str, float]:
     """Value regression to the GAE returns, PPO2-clipped around the rollout-time values."""
-    from rlhf.train.loop import backward_step
 
-    micro = role.micro_batch_size
-    gas = rl.mini_batch_size // (micro * world)
-    sums: dict[str, float] = {}
-    count = 0
-    skipped = 0
-    n = batch.num_rows
-    for epoch in range(rl.ppo_epochs):
-        for index in minibatches(n, rl.mini_batch_size, seed_of(step, epoch)):
-            mb = batch.take(index)
-            norm = _normaliser(mb, rl.loss_mode)
-            mine = my_rows(mb, rank, world)
-            for k in range(gas):
-                chunk = mine.rows(k * micro, (k + 1) * micro)
-                values = _values(engine.module, chunk)
-                loss, metrics = value_loss(
-                    values,
-                    chunk.values,
-                    chunk.returns,
-                    chunk.response_mask,
-                    rl.value_clip,
-                    rl.loss_mode,
-                    norm,
-                )
-                metrics["critic/value_loss"] = loss.item() * world * gas
-                _, bad = backward_step(engine, loss, world, gas)
-                metrics["critic/nonfinite_loss"] = float(bad)
-                _add(sums, metrics)
-                count += 1
-            skipped += int(_last_step_skipped(engine))
-    out = _average(sums, count)
-    out["critic/lr"] = engine.get_lr()[0]
-    out["critic/skipped_steps"] = float(skipped)
-    return out
+    def loss_fn(chunk: Experience, norm: float, gas: int) -> tuple[torch.Tensor, dict]:
+        values = _values(engine.module, chunk)
+        loss, metrics = value_loss(
+            values,
+            chunk.values,
+            chunk.returns,
+            chunk.response_mask,
+            rl.value_clip,
+            rl.loss_mode,
+            norm,
+        )
+        metrics["critic/value_loss"] = loss.item() * world * gas
+        return loss, metrics
+
+    return _updates(engine, batch, rl, role, rank, world, step, loss_fn, "critic")
 
 
 def seed_of(step: int, epoch: int) -> int:
@@ -273,12 +271,6 @@ def _lm_nll_mean(model: torch.nn.Module, rows: dict) -> torch.Tensor:
     mask = labels != -100
     logp = token_logprobs(logits, labels.clamp(min=0))
     return -(logp * mask).sum() / mask.sum().clamp(min=1)
-
-
-def _last_step_skipped(engine: Any) -> bool:
-    opt = engine.optimizer
-    opt = getattr(opt, "optimizer", opt) if not hasattr(opt, "last_step_skipped") else opt
-    return bool(getattr(opt, "last_step_skipped", False))
 
 
 def ptx_stream(

@@ -26,12 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from rlhf import engine as eng
 from rlhf.config import Config
 from rlhf.monitor import overfit_event
-from rlhf.train.checkpoint import write_manifest
+from rlhf.train.core import (
+    accumulate,
+    all_reduce_sum,
+    load_part,
+    nonfinite_streak,
+    optimizer_of,
+    save_part,
+)
 from rlhf.train.metrics import MetricsWriter
 from rlhf.train.tasks import TASKS, StageTask
 
@@ -61,16 +67,6 @@ class StageData:
         )
 
 
-def optimizer_of(engine: Any) -> eng.GuardedAdamW:
-    """Our AdamW inside DeepSpeed's wrapper (ZeRO) or as is (stage 0)."""
-    opt = engine.optimizer
-    return opt if isinstance(opt, eng.GuardedAdamW) else opt.optimizer
-
-
-class NonFiniteError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
 def stream_indices(start: int, count: int, n: int, seed: int) -> list[int]:
     """Sample ids at stream positions [start, start + count): a fresh permutation per epoch."""
     out, perms = [], {}
@@ -81,16 +77,6 @@ def stream_indices(start: int, count: int, n: int, seed: int) -> list[int]:
             perms[epoch] = torch.randperm(n, generator=gen).tolist()
         out.append(perms[epoch][pos % n])
     return out
-
-
-def _all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
-    if not values:
-        return {}
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
 
 
 def evaluate(
@@ -111,7 +97,7 @@ def evaluate(
             for k, v in task.eval_sums(model, batch).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
     # Ranks with an empty slice still take part in the all-reduce.
-    sums = _all_reduce_sum({k: sums.get(k, 0.0) for k in task.eval_keys})
+    sums = all_reduce_sum({k: sums.get(k, 0.0) for k in task.eval_keys})
     model.train()
     return task.finish_eval(sums)
 
@@ -126,16 +112,19 @@ def _save(
     world: int,
     init_dir: str,
 ) -> str:
-    """Every rank writes its DeepSpeed state; rank 0 adds the HF export and the trainer state."""
+    """This rank's checkpoint part in a private folder (Ray Train gathers them); rank 0 adds the
+    HF export and the trainer state."""
     root = Path(tempfile.mkdtemp(prefix=f"{stage}-ckpt-"))
-    eng.save_engine_state(engine, root / "engine")
-    weights = eng.full_state_dict(engine)
-    if rank == 0:
-        task.export(engine.module, weights, init_dir, root / "model")
-        (root / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    files = [p for p in root.rglob("*") if p.is_file()]
-    write_manifest(
-        root, files, rank=rank, world_size=world, step=state["step"], fingerprint=cfg.fingerprint()
+    weights = eng.full_state_dict(engine)  # a collective under ZeRO-3: every rank calls it
+    save_part(
+        engine,
+        root,
+        state,
+        rank=rank,
+        world=world,
+        step=state["step"],
+        fingerprint=cfg.fingerprint(),
+        rank0_files=lambda r: task.export(engine.module, weights, init_dir, r / "model"),
     )
     return str(root)
 
@@ -180,8 +169,7 @@ def train_stage(loop_config: dict) -> None:
     )
     state = {"step": 0, "skipped_steps": 0, "nonfinite_streak": 0}
     if resume_dir:
-        eng.load_engine_state(engine, Path(resume_dir) / "engine")
-        state = json.loads((Path(resume_dir) / "trainer_state.json").read_text())
+        state = load_part(engine, Path(resume_dir))
         torch.manual_seed(cfg.run.seed + state["step"])
 
     # Lines logged after the resumed step are dropped: those steps run again.
@@ -196,25 +184,6 @@ def train_stage(loop_config: dict) -> None:
     writer.close()
 
 
-def backward_step(engine: Any, loss: torch.Tensor, world: int, gas: int) -> tuple[Any, bool]:
-    """One micro-batch's backward and DeepSpeed step, shared by the offline stages and the RL
-    policy / critic updates; returns (the loss used, whether it was non-finite anywhere).
-
-    `loss` is normalised by the global batch's count; DeepSpeed averages gradients over ranks and
-    divides by `gas`, so `* world * gas` undoes both and the summed gradient equals d(sum of
-    per-token losses / global count) for 1 or N ranks. A non-finite loss on any rank (all ranks
-    agree, so every rank takes the same branch) is replaced by a zero that keeps DeepSpeed's
-    accumulation bookkeeping, and the optimizer skips the step (`GuardedAdamW.force_skip`).
-    """
-    bad = _all_reduce_sum({"bad": float(not torch.isfinite(loss).item())})["bad"] > 0
-    if bad:
-        optimizer_of(engine).force_skip = True
-        loss = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
-    engine.backward(loss * world * gas)
-    engine.step()
-    return loss, bad
-
-
 def _train_step(
     task: StageTask, engine: Any, data: Any, scfg: Any, seed: int, step: int, rank: int, world: int
 ) -> dict[str, float]:
@@ -225,16 +194,16 @@ def _train_step(
     )
     rows = [data.train[i] for i in ids]
     norm = max(1, task.loss_weight(rows))
-    sums: dict[str, float] = {"nonfinite_loss": 0.0}
-    for k in range(gas):
-        start = (k * world + rank) * mb
-        batch = task.collate(rows[start : start + mb])
-        loss, metrics = task.loss(engine.module, batch, norm)
-        loss, bad = backward_step(engine, loss, world, gas)
-        sums["nonfinite_loss"] += float(bad) / world
-        for key, v in {"loss": loss.item(), **metrics}.items():
-            sums[key] = sums.get(key, 0.0) + float(v)
-    return _all_reduce_sum(sums)
+    micro = (
+        task.collate(rows[(k * world + rank) * mb : (k * world + rank + 1) * mb])
+        for k in range(gas)
+    )
+    sums, _, bad = accumulate(
+        engine, micro, lambda b: task.loss(engine.module, b, norm), world, gas, loss_key="loss"
+    )
+    # Every rank saw the same (all-reduced) verdict: count the step once over the ranks.
+    sums["nonfinite_loss"] = bad / world
+    return all_reduce_sum(sums)
 
 
 def _watch_overfitting(
@@ -280,12 +249,12 @@ def _run_steps(
             or not math.isfinite(eng.global_grad_norm(engine))
         )
         state["skipped_steps"] += int(skipped)
-        state["nonfinite_streak"] = state["nonfinite_streak"] + 1 if skipped else 0
-        if state["nonfinite_streak"] >= scfg.max_nonfinite_steps:
-            raise NonFiniteError(
-                f"{stage}: {state['nonfinite_streak']} steps in a row had a non-finite loss or "
-                f"gradient (last at step {step + 1}); lower {stage}.lr or check the data"
-            )
+        state["nonfinite_streak"] = nonfinite_streak(
+            state["nonfinite_streak"],
+            skipped,
+            scfg.max_nonfinite_steps,
+            f"{stage} (last at step {step + 1}): lower {stage}.lr or check the data",
+        )
         state["step"] = step + 1
         tokens += sums.get("tokens", 0.0)
         metrics = {f"{stage}/{k}": v for k, v in task.finish_train(sums).items()}

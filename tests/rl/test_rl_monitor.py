@@ -39,8 +39,8 @@ def test_a_constant_reward_pauses_on_no_signal_and_cut_answers_warn(
 ):
     """A reward function that returns a constant gives every group equal scores: `no_signal`
     pauses after the first step (checkpoint + paused.json); the random model's answers all hit
-    rl.rollout.max_new_tokens, so `length` warns in the same step, and so does `entropy` below an
-    unreachable floor."""
+    rl.rollout.max_new_tokens, so `length` warns in the same step, and so do `entropy` below an
+    unreachable floor and `logprob_gap` above a limit no fp32 engine meets."""
     cfg = rl_config(
         tmp_path,
         "rl.algorithm=grpo",
@@ -52,6 +52,8 @@ def test_a_constant_reward_pauses_on_no_signal_and_cut_answers_warn(
         # A floor no policy reaches: the rule must see the trainer's entropy of this step.
         "monitor.entropy.min_entropy=1000",
         "monitor.entropy.patience=1",
+        # fp32 trainer and engine agree to ~1e-7, not to 1e-12: the gap rule sees real logprobs.
+        "monitor.logprob_gap.max_gap=1e-12",
     )
     run = RLRun(cfg, str(tiny_dir), None, reward_fn=lambda prompt, response, label: 0.5)
     writer = MetricsWriter(run.stage_dir, resume_step=-1)
@@ -71,6 +73,7 @@ def test_a_constant_reward_pauses_on_no_signal_and_cut_answers_warn(
         ("no_signal", "pause"),
         ("length", "warn"),
         ("entropy", "warn"),
+        ("logprob_gap", "warn"),
     }
     assert run.steps_done == 1
 
