@@ -12,7 +12,7 @@ import pytest
 import ray
 from test_rl_loop import REPO, SMALL, _Scorer, rl_config
 
-from rlhf.monitor import PausedRun
+from rlhf.monitor import Monitor, PausedRun
 from rlhf.rl.stage import _train
 from rlhf.rl.trainer import RLRun
 from rlhf.train.metrics import MetricsWriter
@@ -34,13 +34,14 @@ def _lines(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def test_a_constant_reward_pauses_on_no_signal_and_cut_answers_warn(
+def test_real_runs_trip_no_signal_length_entropy_logprob_gap_and_a_reward_spike(
     tmp_path, tiny_dir, ray_cluster
 ):
     """A reward function that returns a constant gives every group equal scores: `no_signal`
     pauses after the first step (checkpoint + paused.json); the random model's answers all hit
     rl.rollout.max_new_tokens, so `length` warns in the same step, and so do `entropy` below an
-    unreachable floor and `logprob_gap` above a limit no fp32 engine meets."""
+    unreachable floor and `logprob_gap` above a limit no fp32 engine meets. Then, on the same
+    actors, a reward that jumps trips `reward_zscore`."""
     cfg = rl_config(
         tmp_path,
         "rl.algorithm=grpo",
@@ -60,22 +61,49 @@ def test_a_constant_reward_pauses_on_no_signal_and_cut_answers_warn(
     try:
         with pytest.raises(PausedRun) as paused:
             _train(run, writer, {})
+        record = json.loads((run.stage_dir / "paused.json").read_text())
+        spike = _reward_spike(run, tmp_path, writer)
     finally:
         writer.close()
         run.shutdown()
+    assert (spike.rule, spike.step) == ("reward_zscore", 4)  # steps 2, 3 are the window
     assert paused.value.event.rule == "no_signal" and paused.value.event.step == 1
-    record = json.loads((run.stage_dir / "paused.json").read_text())
     assert record["rule"] == "no_signal" and record["step"] == 1
     assert record["acknowledge"] == "monitor.acknowledge=[no_signal]"
     assert (run.stage_dir / "checkpoints/step_000001").is_dir()
     events = [x["data"] for x in _lines(run.stage_dir / "metrics.jsonl") if x.get("event")]
-    assert {(e["rule"], e["action"]) for e in events} == {
+    assert {(e["rule"], e["action"]) for e in events if e["step"] == 1} == {
         ("no_signal", "pause"),
         ("length", "warn"),
         ("entropy", "warn"),
         ("logprob_gap", "warn"),
     }
-    assert run.steps_done == 1
+    assert ("reward_zscore", "pause", 4) in {(e["rule"], e["action"], e["step"]) for e in events}
+
+
+def _reward_spike(run, tmp_path, writer):
+    """The same actors, on: a reward that alternates 0 / 1 over the samples for two steps (mean
+    0.5), then pays 50 for everything: `reward_zscore` (a window of those two steps) pauses."""
+    calls = []
+
+    def jumping(prompt, response, label):
+        calls.append(1)
+        step = (len(calls) - 1) // run.rl.rollout_batch_size
+        return 50.0 if step >= 2 else float(len(calls) % 2)
+
+    cfg = rl_config(
+        tmp_path / "spike",
+        "monitor.reward_zscore.window=2",
+        "monitor.reward_zscore.warmup=2",
+        "monitor.no_signal.enabled=false",
+        "monitor.length.enabled=false",
+    )
+    run.monitor = Monitor(cfg.monitor)
+    run.reward_rule = jumping
+    run.rl = run.rl.model_copy(update={"max_steps": 5})
+    with pytest.raises(PausedRun) as paused:
+        _train(run, writer, {})
+    return paused.value.event
 
 
 def test_a_kl_pause_exits_3_and_a_rerun_that_acknowledges_it_resumes(
