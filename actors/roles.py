@@ -150,7 +150,7 @@ class PolicyActor(_Trained):
     """The trained policy: logprobs, PPO updates, weights for the rollout engines."""
 
     def __init__(self, cfg: Config, model_path: str) -> None:
-        from rlhf.models.factory import apply_lora, load_causal_lm
+        from rlhf.models.factory import load_trainable_lm
 
         rl = self.rl = cfg.rl
         self._setup(rl.policy)
@@ -158,18 +158,12 @@ class PolicyActor(_Trained):
         from rlhf import engine as eng
 
         dtype = eng.precision_dtype(rl.policy.precision, self.on_gpu)
-        model = load_causal_lm(
-            model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+        model = load_trainable_lm(
+            model_path,
+            dtype=dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+            lora=rl.policy.lora,
         )
-        lora = rl.policy.lora
-        if lora.enabled:
-            model = apply_lora(
-                model,
-                r=lora.r,
-                alpha=lora.alpha,
-                dropout=lora.dropout,
-                target_modules=lora.target_modules,
-            )
         self.engine = _engine(model, rl.policy, rl, _optimizer_steps(rl), self.on_gpu, self.world)
         self.model_path = model_path
         self.role_name = "policy"

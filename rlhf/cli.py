@@ -24,6 +24,7 @@ import sys
 import yaml
 
 from rlhf import judge_commands
+from rlhf.cli_args import add_config_args, parse_model_specs
 from rlhf.config import ConfigError, load_config
 from rlhf.serve import commands as serve_commands
 
@@ -76,18 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in [("run", "run the pipeline"), ("config", "print the resolved config")]:
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("config", help="YAML file of overrides, e.g. configs/tiny_cpu.yaml")
-        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.lr=1e-4")
+        add_config_args(sub.add_parser(name, help=help_text), "sft.lr=1e-4")
     p = sub.add_parser(
         "eval", help="score policies on the held-out prompts, each against the first"
     )
-    p.add_argument(
-        "config",
-        help="YAML file naming the held-out files (sft.eval_files, "
-        "eval.prompt_files) and eval.* settings",
+    add_config_args(
+        p,
+        "eval.samples=16",
+        "YAML file naming the held-out files (sft.eval_files, eval.prompt_files) and eval.* "
+        "settings",
     )
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.samples=16")
     p.add_argument(
         "--model",
         action="append",
@@ -141,20 +140,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _eval(cfg, models: list[str], rm_dir: str | None) -> int:
     import json
-    from pathlib import Path
 
     from rlhf.evaluate import evaluate_policies
 
-    policies: dict[str, str] = {}
-    for spec in models:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"--model {spec!r}: expected NAME=PATH, e.g. sft=runs/x/sft/model")
-        if not (Path(path) / "config.json").is_file():
-            raise ConfigError(f"--model {spec!r}: {path} is not a saved model (no config.json)")
-        if name in policies:
-            raise ConfigError(f"--model {spec!r}: the name {name!r} is given twice")
-        policies[name] = path
+    policies = parse_model_specs(models)
     names = list(policies)
     results = evaluate_policies(cfg, policies, names[0], names[1:], rm_dir)
     if not results:

@@ -10,9 +10,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from rlhf.config import ConfigError
+from rlhf.cli_args import add_config_args, parse_model_specs
 
 COMMANDS = ("label", "eval-judge")
 JUDGE_HELP = (
@@ -21,14 +20,9 @@ JUDGE_HELP = (
 )
 
 
-def _config_args(p) -> None:
-    p.add_argument("config", help="YAML file of overrides, e.g. configs/tiny_cpu.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. judge.batch_size=4")
-
-
 def add_parsers(sub) -> None:
     p = sub.add_parser("label", help="RLAIF: judge pairs of sampled answers into preference data")
-    _config_args(p)
+    add_config_args(p, "judge.batch_size=4")
     p.add_argument("--answers", required=True, help="`rlhf sample` output: {prompt, responses}")
     p.add_argument("--out", required=True, help="pairwise JSONL to write (+ <out>.report.json)")
     p.add_argument(
@@ -39,27 +33,13 @@ def add_parsers(sub) -> None:
         "--require-agreement", action="store_true", help="write only pairs all judges agree on"
     )
     p = sub.add_parser("eval-judge", help="win rate by a judge, safety refusals, alignment tax")
-    _config_args(p)
+    add_config_args(p, "judge.batch_size=4")
     p.add_argument(
         "--model", action="append", required=True, metavar="NAME=PATH", help="first: the baseline"
     )
     p.add_argument("--judge", action="append", default=[], metavar="KIND[=VALUE]", help=JUDGE_HELP)
     p.add_argument("--pretrain-data", help="held-out pretraining blocks (saved dataset folder)")
     p.add_argument("--out", help="also write the results to this JSON file")
-
-
-def _policies(specs: list[str]) -> dict[str, str]:
-    policies: dict[str, str] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"--model {spec!r}: expected NAME=PATH, e.g. sft=runs/x/sft/model")
-        if not (Path(path) / "config.json").is_file():
-            raise ConfigError(f"--model {spec!r}: {path} is not a saved model (no config.json)")
-        if name in policies:
-            raise ConfigError(f"--model {spec!r}: the name {name!r} is given twice")
-        policies[name] = path
-    return policies
 
 
 def run_command(cfg, args) -> int:
@@ -73,7 +53,7 @@ def run_command(cfg, args) -> int:
         return 0
     from rlhf.judged_eval import default_pretrain_data, evaluate_judged, write_results
 
-    policies = _policies(args.model)
+    policies = parse_model_specs(args.model)
     pretrain = args.pretrain_data or default_pretrain_data(cfg)
     write_results(evaluate_judged(cfg, policies, args.judge, pretrain), args.out)
     return 0

@@ -24,6 +24,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -314,6 +315,27 @@ _PEFT_TASKS = {
     "ForSequenceClassification": "SEQ_CLS",
     "ForTokenClassification": "TOKEN_CLS",
 }
+
+
+def load_trainable_lm(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    lora: Any = None,
+) -> torch.nn.Module:
+    """A causal LM to train (the offline stages' model, the RL policy): with LoRA adapters when
+    `lora.enabled` (a LoRAConfig)."""
+    model = load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    if lora is not None and lora.enabled:
+        model = apply_lora(
+            model,
+            r=lora.r,
+            alpha=lora.alpha,
+            dropout=lora.dropout,
+            target_modules=lora.target_modules,
+        )
+    return model
 
 
 def apply_lora(

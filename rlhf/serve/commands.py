@@ -9,26 +9,21 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import secrets
 import signal
 import time
 from pathlib import Path
 
+from rlhf.cli_args import add_config_args
 from rlhf.config import ConfigError
 
 COMMANDS = ("serve", "feedback", "sample")
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML file of overrides, e.g. configs/tiny_cpu.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. serve.max_tokens=32")
-
-
 def add_parsers(sub) -> None:
     p = sub.add_parser("serve", help="serve a policy over HTTP (Ray Serve, OpenAI-compatible)")
-    _config_args(p)
+    add_config_args(p, "serve.max_tokens=32")
     p.add_argument("--model", required=True, help="the policy checkpoint (HF folder)")
     p.add_argument("--port", type=int, help="HTTP port (default: serve.port)")
     p.add_argument("--token", help="bearer token (default: serve.token, else a new random one)")
@@ -36,11 +31,11 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("feedback", help="feedback collected by `rlhf serve`")
     fsub = p.add_subparsers(dest="feedback_command", required=True)
     e = fsub.add_parser("export", help="write pairwise / ranked preference files and a report")
-    _config_args(e)
+    add_config_args(e, "serve.max_tokens=32")
     e.add_argument("--db", help="database URL (default: serve.database_url, else the run's SQLite)")
     e.add_argument("--out", required=True, help="output folder")
     p = sub.add_parser("sample", help="K answers per prompt into a ranked-list file to fill in")
-    _config_args(p)
+    add_config_args(p, "serve.max_tokens=32")
     p.add_argument("--model", required=True, help="the policy checkpoint (HF folder)")
     p.add_argument("--prompts", required=True, help="{prompt, label?} records (JSONL, ...)")
     p.add_argument("--k", type=int, default=4, help="answers per prompt (default 4)")

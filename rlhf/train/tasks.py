@@ -86,18 +86,9 @@ def _lm_finish_train(sums):
 
 
 def _load_causal_lm(cfg: Config, path: str, lora: Any = None) -> torch.nn.Module:
-    from rlhf.models.factory import apply_lora, load_causal_lm
+    from rlhf.models.factory import load_trainable_lm
 
-    model = load_causal_lm(path, trust_remote_code=cfg.model.trust_remote_code)
-    if lora is not None and lora.enabled:
-        model = apply_lora(
-            model,
-            r=lora.r,
-            alpha=lora.alpha,
-            dropout=lora.dropout,
-            target_modules=lora.target_modules,
-        )
-    return model
+    return load_trainable_lm(path, trust_remote_code=cfg.model.trust_remote_code, lora=lora)
 
 
 def _export_hf(module: torch.nn.Module, weights: dict | None, init_dir: str, out: Path) -> None:
