@@ -33,8 +33,9 @@ def test_loopback_check_accepts_only_loopback_addresses():
 def test_embedded_ray_runs_a_task_and_every_process_listens_on_loopback_only(ray_cluster):
     import ray
 
-    if cluster_address() is not None:
-        pytest.skip("joined an external cluster; its binding is not ours to check")
+    # The ray_cluster fixture joins RAY_ADDRESS when it is set: then this test would check a
+    # cluster it did not start. Fail, saying so, rather than skip and prove nothing.
+    assert cluster_address() is None, "unset RAY_ADDRESS: this test checks the embedded cluster"
 
     @ray.remote
     def add_one(x: int) -> int:
@@ -145,8 +146,9 @@ def test_a_training_stage_without_held_out_files_trains_and_its_workers_listen_o
     from rlhf.driver import base_model
     from rlhf.train.trainer import run_stage
 
-    if cluster_address() is not None:
-        pytest.skip("joined an external cluster; its binding is not ours to check")
+    # The ray_cluster fixture joins RAY_ADDRESS when it is set: then this test would check a
+    # cluster it did not start. Fail, saying so, rather than skip and prove nothing.
+    assert cluster_address() is None, "unset RAY_ADDRESS: this test checks the embedded cluster"
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(
         repo / "configs/tiny_cpu.yaml",
