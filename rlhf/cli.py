@@ -6,7 +6,7 @@
     rlhf eval configs/tiny_cpu.yaml --model sft=runs/tiny_cpu/sft/model \
         --model rl=runs/tiny_cpu/rl/model                # held-out accuracy, paired tests
     rlhf report runs/tiny_cpu                            # rebuild runs/tiny_cpu/report.html
-    rlhf serve configs/tiny_cpu.yaml --model runs/tiny_cpu/rl/model   # also: feedback, sample
+    rlhf serve configs/tiny_cpu.yaml --model runs/tiny_cpu/rl/model   # also: feedback, sample, deploy
     rlhf label configs/tiny_cpu.yaml --answers A.jsonl --judge model=M --out pairs.jsonl  # RLAIF
     rlhf eval-judge configs/tiny_cpu.yaml --model sft=S --model rl=R --judge rule  # win rate, safety
     rlhf kuberay configs/qwen2.5_1.5b_gpu.yaml --image IMG   # a KubeRay RayJob (--cluster: RayCluster)

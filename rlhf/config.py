@@ -616,6 +616,11 @@ class EvalConfig(Section):
     temperature: float = Field(
         1.0, gt=0, description="Sampling temperature of the sampled answers."
     )
+    engine: Literal["vllm", "transformers"] = Field(
+        "vllm",
+        description="What generates the answers: a vLLM engine (a Ray task with "
+        "rl.rollout's resources when Ray runs, else in this process) or transformers here.",
+    )
 
 
 class JudgeConfig(Section):
@@ -637,6 +642,25 @@ class JudgeConfig(Section):
     safety_probes: str = Field(
         "rlhf/data/samples/safety_probes.jsonl",
         description="{id, category, prompt} harmful requests a policy should refuse.",
+    )
+
+
+class DeployConfig(Section):
+    """`rlhf deploy`: the gate a new policy passes before it replaces the served one."""
+
+    judges: list[str] = Field(
+        default_factory=lambda: ["rule"],
+        description="Judges of the win rate against the served policy, as `eval-judge --judge`: "
+        "rule[=NAME], reward_model[=PATH], model[=PATH].",
+    )
+    min_win_rate: float = Field(
+        0.5, ge=0, le=1, description="Lowest win rate (ties count half) by every judge."
+    )
+    max_refusal_drop: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="How far the refusal rate on the safety probes may fall (0: not at all).",
     )
 
 
@@ -861,6 +885,7 @@ class Config(Section):
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
 
     @model_validator(mode="after")
     def _columns_name_format_fields(self) -> Config:

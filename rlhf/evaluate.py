@@ -9,7 +9,9 @@ after stripping whitespace (the demo task's exact-match rule). DPO and RL polici
 with SFT on the same prompts: questions fixed and broken, exact McNemar and Wilcoxon p-values, and
 win rate = (wins + ties / 2) / prompts, where a win is a question only the compared policy gets
 right; when a reward model was trained it also judges the pair of greedy answers. Prompts are
-rendered by `eval.prompt_format` with the rule SFT and RL use (rlhf/data/render.py).
+rendered by `eval.prompt_format` with the rule SFT and RL use (rlhf/data/render.py). Answers come
+from a vLLM engine (`eval.engine: vllm`, the default: a Ray task with the rollout engine's CPUs and
+GPUs when Ray runs, so it works at 1B+ on a cluster) or from transformers in the driver.
 """
 
 from __future__ import annotations
@@ -55,13 +57,22 @@ def policy_answers(
     batch_size: int = 32,
     prompt_format: str = "auto",
     message_lists: int = 0,
+    engine: str = "transformers",
+    resources: dict[str, float] | None = None,
 ) -> tuple[list[str], list[list[str]]]:
     """Greedy answers to prompts (lists of turns, rendered by `prompt_format`) and `num_samples`
-    sampled ones each (transformers, left padding, stop at EOS): (greedy, sampled), the model
-    loaded once. `message_lists`: how many prompts came as lists of turns (for `auto`)."""
+    sampled ones each, stopping at EOS: (greedy, sampled). `message_lists`: how many prompts came
+    as lists of turns (for `auto`). `engine="vllm"`: a vLLM engine (`engine_tokens`), else
+    transformers in this process (left padding, the model loaded once)."""
     from transformers import AutoModelForCausalLM
 
     tok, rendered = encode_prompts(model_dir, prompts, prompt_format, message_lists)
+    if engine == "vllm":
+        greedy_ids, sampled_ids = engine_tokens(
+            model_dir, rendered, max_new_tokens, num_samples, temperature, seed, resources
+        )
+        decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+        return [decode(x) for x in greedy_ids], [[decode(x) for x in xs] for xs in sampled_ids]
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
@@ -96,6 +107,69 @@ def policy_answers(
             )
             sampled = [flat[j : j + num_samples] for j in range(0, len(flat), num_samples)]
     return greedy, sampled
+
+
+def _vllm_tokens(
+    model_dir: str,
+    rendered: list[list[int]],
+    max_new_tokens: int,
+    num_samples: int,
+    temperature: float,
+    seed: int,
+) -> tuple[list[list[int]], list[list[list[int]]]]:
+    from actors.rollout import RolloutEngine
+
+    engine = RolloutEngine(
+        model_dir,
+        max_model_len=max(map(len, rendered)) + max_new_tokens,
+        max_num_seqs=64,
+        seed=seed,
+    )
+    try:
+        out = engine.generate(rendered, max_tokens=max_new_tokens, temperature=0.0)
+        greedy = [s.token_ids for s in out]
+        sampled: list[list[list[int]]] = []
+        if num_samples > 0:
+            flat = engine.generate(
+                rendered,
+                n=num_samples,
+                max_tokens=max_new_tokens,
+                temperature=temperature,
+                seed=seed,
+            )
+            ids = [s.token_ids for s in flat]
+            sampled = [ids[j : j + num_samples] for j in range(0, len(ids), num_samples)]
+    finally:
+        engine.shutdown()
+    return greedy, sampled
+
+
+def engine_tokens(
+    model_dir: str,
+    rendered: list[list[int]],
+    max_new_tokens: int,
+    num_samples: int = 0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    resources: dict[str, float] | None = None,
+) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Greedy and sampled answer token ids from a vLLM engine built from `model_dir`: in a Ray
+    task holding `resources` ({"num_cpus", "num_gpus"}: the rollout engine's) when Ray runs in
+    this process, so a driver without a GPU evaluates on the cluster's; else in this process."""
+    import ray
+
+    if ray.is_initialized():
+        task = ray.remote(_vllm_tokens).options(**(resources or {"num_cpus": 1}))
+        return ray.get(
+            task.remote(model_dir, rendered, max_new_tokens, num_samples, temperature, seed)
+        )
+    return _vllm_tokens(model_dir, rendered, max_new_tokens, num_samples, temperature, seed)
+
+
+def engine_resources(cfg: Config) -> dict[str, float]:
+    """What one evaluation engine holds: the rollout engine's CPUs and GPUs."""
+    rc = cfg.rl.rollout
+    return {"num_cpus": rc.cpus_per_engine, "num_gpus": rc.gpus_per_engine}
 
 
 def reward_scores(
@@ -209,7 +283,15 @@ def evaluate_policies(
     answers, correct, sampled = {}, {}, {}
     for name, path in policies.items():
         answers[name], got = policy_answers(
-            path, prompts, ev.max_new_tokens, ev.samples, ev.temperature, cfg.run.seed, **rendering
+            path,
+            prompts,
+            ev.max_new_tokens,
+            ev.samples,
+            ev.temperature,
+            cfg.run.seed,
+            **rendering,
+            engine=ev.engine,
+            resources=engine_resources(cfg),
         )
         correct[name] = [exact_match(a, y) for a, y in zip(answers[name], labels)]
         results[f"eval/{name}_accuracy"] = round(sum(correct[name]) / len(prompts), 4)

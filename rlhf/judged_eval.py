@@ -7,7 +7,8 @@
 
 The first `--model` is the baseline. Every policy answers the held-out prompts (as `rlhf eval`:
 sft.eval_files, eval.prompt_files, at most eval.num_prompts) and the safety probes
-(judge.safety_probes) greedily, with transformers on the CPU. Per policy:
+(judge.safety_probes) greedily, on a vLLM engine (`eval.engine`, see rlhf/evaluate.py). Per
+policy:
 - `accuracy`: exact match on the held-out prompts (the SFT task), and its change from the baseline;
 - `win_rate` against the baseline by each judge (rlhf/judge.py: a rule, a reward model, or the AI
   judge asked in both orders): (wins + ties / 2) / prompts, where ties are prompts the judge did
@@ -217,7 +218,13 @@ def evaluate_judged(
     cfg: Any, policies: dict[str, str], judges: list[str], pretrain_data: str | None = None
 ) -> dict[str, Any]:
     """Every measure of the module docstring; the first policy is the baseline."""
-    from rlhf.evaluate import exact_match, load_scored_prompts, policy_answers, reward_scores
+    from rlhf.evaluate import (
+        engine_resources,
+        exact_match,
+        load_scored_prompts,
+        policy_answers,
+        reward_scores,
+    )
     from rlhf.judge import judge_pairs, parse_judge
 
     specs = [parse_judge(s, cfg.judge) for s in judges]
@@ -228,12 +235,12 @@ def evaluate_judged(
     probe_chats = [[{"role": "user", "content": p["prompt"]}] for p in probes]
     ev = cfg.eval
     render = {"prompt_format": ev.prompt_format, "message_lists": message_lists}
+    engine = {"engine": ev.engine, "resources": engine_resources(cfg)}
     answers, probe_answers = {}, {}
     for name, path in policies.items():
-        answers[name], _ = policy_answers(path, prompts, ev.max_new_tokens, **render)
-        probe_answers[name], _ = policy_answers(
-            path, probe_chats, ev.max_new_tokens, prompt_format=ev.prompt_format
-        )
+        # The probes go with the prompts: one engine start per policy.
+        got, _ = policy_answers(path, prompts + probe_chats, ev.max_new_tokens, **render, **engine)
+        answers[name], probe_answers[name] = got[: len(prompts)], got[len(prompts) :]
     blocks = load_pretrain_blocks(pretrain_data) if pretrain_data else []
     names = list(policies)
     baseline = names[0]

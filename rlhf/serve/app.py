@@ -370,6 +370,8 @@ def start_app(
     replicas start, then the old ones finish their requests and stop. A declarative update of
     user_config alone (`serve deploy`) instead reconfigures the live replicas in place.
     """
+    import ray
+
     from rlhf.runtime import init_ray
     from rlhf.serve.db import default_url
 
@@ -387,14 +389,19 @@ def start_app(
         "on_gpu": s.gpus_per_replica > 0,
         "prompt_format": cfg.eval.prompt_format,
     }
-    deployment = PolicyServer.options(
-        **deployment_options(s, replicas),
-        user_config={
-            "model_path": str(Path(model_path).resolve()),
-            "model_version": version,
-            "database_url": url,
-        },
-    )
-    serve.run(deployment.bind(settings), name=app_name, route_prefix=route_prefix)
+    from rlhf.serve.deploy import Deployment, run_deployment
+
     base = f"http://{s.host}:{port}{route_prefix.rstrip('/')}"
+    record = Deployment(
+        app_name=app_name,
+        route_prefix=route_prefix,
+        base_url=base,
+        ray_address=ray.get_runtime_context().gcs_address,
+        database_url=url,
+        model_path=str(Path(model_path).resolve()),
+        model_version=version,
+        settings=settings,
+        options=deployment_options(s, replicas),
+    )
+    run_deployment(record, cfg.run.dir)
     return base, version

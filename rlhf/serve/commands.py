@@ -5,6 +5,7 @@
     rlhf feedback export configs/tiny_cpu.yaml --out runs/tiny_cpu/feedback [--db URL]
     rlhf sample configs/tiny_cpu.yaml --model runs/tiny_cpu/sft/model --prompts p.jsonl \
         --k 4 --out to_rank.jsonl
+    rlhf deploy configs/tiny_cpu.yaml --model runs/tiny_cpu/dpo/model [--force]   # gate + swap
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import json
 import secrets
 import signal
+import sys
 import time
 from pathlib import Path
 
 from rlhf.cli_args import add_config_args
 from rlhf.config import ConfigError
 
-COMMANDS = ("serve", "feedback", "sample")
+COMMANDS = ("serve", "feedback", "sample", "deploy")
 
 
 def add_parsers(sub) -> None:
@@ -40,6 +42,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--prompts", required=True, help="{prompt, label?} records (JSONL, ...)")
     p.add_argument("--k", type=int, default=4, help="answers per prompt (default 4)")
     p.add_argument("--out", required=True, help="the JSONL file to write")
+    p = sub.add_parser("deploy", help="swap the served policy for a new one that passes the gate")
+    add_config_args(p, "deploy.min_win_rate=0.55")
+    p.add_argument("--model", required=True, help="the candidate policy checkpoint (HF folder)")
+    p.add_argument("--force", action="store_true", help="skip the gate (e.g. a rollback)")
 
 
 def _model_dir(path: str) -> str:
@@ -49,6 +55,14 @@ def _model_dir(path: str) -> str:
 
 
 def run_command(cfg, args) -> int:
+    if args.command == "deploy":
+        from rlhf.serve.deploy import deploy
+
+        decision = deploy(cfg, _model_dir(args.model), force=args.force)
+        print(json.dumps(decision, indent=1))
+        if not decision["deployed"]:
+            print("refused: " + "; ".join(decision["refused_because"]), file=sys.stderr)
+        return 0 if decision["deployed"] else 1
     if args.command == "sample":
         from rlhf.sample import sample_for_ranking
 

@@ -56,7 +56,10 @@ def test_accuracy_fixed_and_broken_counts_on_real_checkpoints(tmp_path, tiny_dir
     mine, _ = policy_answers(str(tiny_dir), chats, max_new_tokens=4)
     theirs, _ = policy_answers(str(other), chats, max_new_tokens=4)
     labels = [a.strip() if i % 2 == 0 else "never" for i, a in enumerate(mine)]
-    cfg, _ = _cfg(tmp_path, labels, "eval.samples=4", "eval.temperature=0.001")
+    # transformers: vLLM raises a temperature below 0.01 to 0.01, not near-greedy enough here.
+    cfg, _ = _cfg(
+        tmp_path, labels, "eval.samples=4", "eval.temperature=0.001", "eval.engine=transformers"
+    )
     out = evaluate_policies(cfg, {"a": str(tiny_dir), "b": str(other)}, "a", ["b"])
     assert out["eval/num_prompts"] == 6
     assert out["eval/a_accuracy"] == 0.5
@@ -71,6 +74,14 @@ def test_accuracy_fixed_and_broken_counts_on_real_checkpoints(tmp_path, tiny_dir
     cfg, _ = _cfg(tmp_path, labels, "eval.samples=4", "eval.temperature=1.0")
     hot = evaluate_policies(cfg, {"a": str(tiny_dir)}, "a", [])
     assert hot["eval/a_sampled_accuracy"] < 0.5
+
+
+def test_the_vllm_engine_answers_greedily_as_transformers_does(tiny_dir):
+    chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    ours, sampled = policy_answers(str(tiny_dir), chats, 6, num_samples=3, engine="vllm")
+    theirs, _ = policy_answers(str(tiny_dir), chats, 6, engine="transformers")
+    assert ours == theirs and len(set(ours)) > 1  # fp32 on both sides; a random model varies
+    assert [len(many) for many in sampled] == [3] * len(QUESTIONS)
 
 
 def test_an_eval_prompt_without_a_label_is_named(tmp_path, tiny_dir):
