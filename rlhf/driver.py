@@ -38,7 +38,7 @@ def base_model(cfg: Config) -> str:
             from rlhf.config import ConfigError
 
             raise ConfigError(f"model.path = {cfg.model.path!r}: no config.json there")
-        return cfg.model.path
+        return str(Path(cfg.model.path).resolve())  # workers run elsewhere (Ray Train's cwd)
     t = cfg.model.tiny
     path = cfg.run.dir.resolve() / "base"
     ensure_tiny_model(
@@ -57,7 +57,7 @@ def base_model(cfg: Config) -> str:
 def stage_input(cfg: Config, stage: str, outputs: dict[str, str], base: str) -> str:
     explicit = getattr(cfg, stage).init_from
     if explicit:
-        return explicit
+        return str(Path(explicit).resolve())
     if stage == "sft":
         return outputs.get("pretrain", base)
     if stage in ("rm", "dpo", "rl"):

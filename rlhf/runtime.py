@@ -74,6 +74,7 @@ def init_ray(
         if _is_loopback_cluster(join):
             _loopback_only()  # else Ray rewrites 127.0.0.1 to this machine's routable address
             runtime_env = _with_loopback_hook(runtime_env)
+            _local_token_auth()
         ray.init(address=join, runtime_env=runtime_env)
         return join
     _loopback_only()
@@ -142,6 +143,20 @@ def listening_sockets(pid: int | None = None) -> list[tuple[int, str, str, int]]
             if c.status == psutil.CONN_LISTEN
         ]
     return found
+
+
+def _local_token_auth() -> None:
+    """A cluster on this machine's loopback gets this machine's token, as Ray does for "auto".
+
+    A new local cluster (`ray.init()`, e.g. `rlhf serve`'s) turns token auth on by default with
+    the token in ~/.ray/auth_token (or RAY_AUTH_TOKEN[_PATH]); Ray sends it only when it found
+    the cluster itself ("auto"), never to an explicit address. A loopback address is this
+    machine: unless RAY_AUTH_MODE says otherwise, token mode when a token is available."""
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def _is_loopback_cluster(address: str) -> bool:

@@ -78,7 +78,7 @@ def test_feedback_becomes_a_dpo_round_that_the_gate_deploys_without_dropping_req
     config.write_text(
         f"""
 run: {{output_dir: {tmp_path / "runs"}, name: life, stages: [dpo]}}
-model: {{path: {tiny_policy}}}
+model: {{path: {os.path.relpath(tiny_policy, REPO)}}}  # relative: the workers' cwd differs
 serve: {{cpus_per_replica: 0.5, max_model_len: 256, max_tokens: 8, max_tokens_limit: 64}}
 sft: {{eval_files: []}}
 eval: {{prompt_files: [{{path: {held}}}], max_new_tokens: 8}}
