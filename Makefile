@@ -50,8 +50,8 @@ demo: venv
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: venv
-	$(PY) -m rlhf.bench all
+# make bench [BENCH=quick|trl]: the recipe is in bench.mk (outside this file's venv stamp).
+include bench.mk
 
 # Every stage for a few steps on one GPU (rlhf/smoke.py); MODEL=/path/to/hf/checkpoint or the
 # tiny model. Needs the GPU build: make gpu-smoke TORCH=torch EXTRAS=gpu,dev. No GPU: error, exit 2.

@@ -3,9 +3,10 @@ cost and the peak memory of a whole run. Nothing here asserts a target; it measu
 
     python -m rlhf.bench all                     # rollout + sync + dpo-ref at both model sizes
     python -m rlhf.bench rollout --size large    # vLLM vs transformers generate
-    python -m rlhf.bench sync --size demo        # object-store weight sync vs serialising
+    python -m rlhf.bench sync --size large       # weight sync (object store, gloo) vs torch.save
     python -m rlhf.bench rl-step runs/tiny_cpu/rl/metrics.jsonl
     python -m rlhf.bench memory -- rlhf run configs/tiny_cpu.yaml
+    python -m rlhf.bench trl [--quick]           # against TRL, side by side (rlhf/bench_vs_trl.py)
 
 Model sizes: `demo` is `model.tiny` of configs/tiny_cpu.yaml (what `make demo` trains); `large` is
 a ~57M-parameter Llama (hidden 768, 8 layers, 12 heads, MLP 2048) with the same byte vocabulary.
@@ -19,6 +20,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import pickle
 import statistics
 import subprocess
@@ -132,10 +134,17 @@ def bench_rollout(root: Path, name: str, prompts: int, n: int, prompt_len: int, 
 # ---- weight sync ------------------------------------------------------------------------------------
 
 
-def bench_sync(root: Path, name: str, repeat: int):
-    """One weight sync as the RL loop does it (policy actor -> object store -> every engine's
-    in-place reload, versions checked), against only serialising the state dict."""
-    import ray
+SYNC_BACKENDS = ("object_store", "gloo")
+
+
+def bench_sync(root: Path, name: str, repeat: int, backend: str = "object_store") -> dict:
+    """One weight sync as the RL loop does it (policy actor -> every engine's in-place reload,
+    versions checked) over `backend`, against only serialising the state dict (`torch.save`
+    timed just before each sync, so both see the same load of a shared machine; the ratio is the
+    median of the ratios), with the median seconds of each part: `gather` (the policy's full weights), `put` (flat buckets into the
+    object store) then `fetch` and `reload` (the slowest engine), or `broadcast` (gloo: the
+    engines reload each bucket as it arrives, so it includes their reload); `other` is the rest
+    (actor calls, the version check). One policy rank and one engine, on separate CPUs."""
 
     from rlhf.config import load_config
     from rlhf.rl.trainer import RLRun
@@ -146,7 +155,6 @@ def bench_sync(root: Path, name: str, repeat: int):
 
     state = load_file(str(path / "model.safetensors"))
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
-    save_s = _median(lambda: torch.save(state, io.BytesIO()), repeat)
     pickle_s = _median(lambda: pickle.dumps(state, protocol=5), repeat)
 
     cfg = load_config(
@@ -162,31 +170,46 @@ def bench_sync(root: Path, name: str, repeat: int):
             "rl.reference.cpus_per_actor=0.5",
             "rl.rollout.cpus_per_engine=0.5",
             "rl.colocate=[]",
+            f"rl.rollout.weight_sync={backend}",
         ],
     )
     init_ray(num_cpus=2, object_store_memory_gb=1.0)
     run = RLRun(cfg, str(path), reward_model_dir=None)
     try:
         run.sync_weights()  # warm-up
-        times, reloads = [], []
-        for _ in range(repeat):
+        times, parts, saves = [], [], []
+        for _ in range(repeat):  # torch.save timed next to each sync: the same machine load
+            saves.append(_median(lambda: torch.save(state, io.BytesIO()), 1))
             t0 = time.perf_counter()
             run.sync_weights()
             times.append(time.perf_counter() - t0)
-            reloads.append(run.reload_s)
+            parts.append(dict(run.sync_stats, **{"weight_sync/reload_s": run.reload_s}))
     finally:
         run.shutdown()
-        ray.kill(run.helper)
         shutdown_ray()
+    sync_s, save_s = statistics.median(times), statistics.median(saves)
+    keys = ("gather_s", "put_s", "fetch_s", "reload_s", "broadcast_s")
+    medians = {
+        k: statistics.median(p[f"weight_sync/{k}"] for p in parts)
+        for k in keys
+        if f"weight_sync/{k}" in parts[0]
+    }
+    timed = [t - sum(p.get(f"weight_sync/{k}", 0.0) for k in keys) for t, p in zip(times, parts)]
+    if backend != "object_store":  # the broadcast's seconds include the engines' reload
+        timed = [t + p["weight_sync/reload_s"] for t, p in zip(timed, parts)]
     return {
         "size": name,
+        "backend": backend,
         "params_M": round(_params(path) / 1e6, 1),
         "state_MB": round(nbytes / 2**20, 1),
-        "sync_s": round(statistics.median(times), 4),
-        "of_which_engine_reload_s": round(statistics.median(reloads), 4),
+        "buckets": int(parts[0]["weight_sync/buckets"]),
+        "sync_s": round(sync_s, 4),
+        **{k: round(v, 4) for k, v in medians.items()},
+        "other_s": round(statistics.median(timed), 4),
         "torch_save_s": round(save_s, 4),
         "pickle_s": round(pickle_s, 4),
-        "sync_over_torch_save": round(statistics.median(times) / save_s, 2),
+        "sync_over_torch_save": round(statistics.median(t / s for t, s in zip(times, saves)), 2),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
     }
 
 
@@ -315,6 +338,34 @@ def _print(title: str, result: dict) -> None:
     print(f"{title}: " + json.dumps(result), flush=True)
 
 
+def _side_by_side(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """One `trl_vs_ours` line per job; exit code 1 when a side of some job failed."""
+    from rlhf.bench_vs_trl import JOBS, run_job
+
+    names = args.jobs or list(JOBS)
+    unknown = sorted(set(names) - set(JOBS))
+    if unknown:
+        parser.error(f"trl: unknown jobs {unknown}; known: {sorted(JOBS)}")
+    python = os.path.abspath(args.python)  # not resolve(): a venv's python is a symlink
+    if not Path(python).is_file():
+        parser.error(f"trl: no Python at {python}: build the venv with `make bench-venv`")
+    steps = args.steps or (3 if args.quick else 12)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    if warmup >= steps:
+        parser.error(f"trl: --warmup {warmup} must be smaller than --steps {steps}")
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="rlhf-bench-trl-") as tmp:
+        root = (args.workdir or Path(tmp)).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            result = run_job(
+                JOBS[name], root, python, steps, warmup, args.timeout, args.trl_threads
+            )
+            failed |= "trl_error" in result or "ours_error" in result
+            _print("trl_vs_ours", result)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m rlhf.bench", description=__doc__.splitlines()[0]
@@ -329,10 +380,32 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--prompt-len", type=int, default=32)
         p.add_argument("--new-tokens", type=int, default=64)
         p.add_argument("--workdir", type=Path, default=None, help="where models are built")
+        p.add_argument(
+            "--backends",
+            nargs="+",
+            choices=SYNC_BACKENDS,
+            default=list(SYNC_BACKENDS),
+            help="sync: weight-sync backends to time",
+        )
     p = sub.add_parser("rl-step")
     p.add_argument("metrics", type=Path, help="an RL run's rl/metrics.jsonl")
     p = sub.add_parser("memory")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- command to run and watch")
+    p = sub.add_parser("trl", help="GRPO and SFT steps against TRL's (rlhf/bench_vs_trl.py)")
+    p.add_argument(
+        "--python",
+        default=str(REPO / ".bench-venv" / "bin" / "python"),
+        help="Python of the venv with TRL (make bench-venv)",
+    )
+    p.add_argument("--quick", action="store_true", help="3 steps per job, 1 dropped")
+    p.add_argument("--jobs", nargs="+", default=None, help="job names (default: all)")
+    p.add_argument("--steps", type=int, default=None, help="steps per side (default 12)")
+    p.add_argument("--warmup", type=int, default=None, help="first steps dropped (default 2)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per TRL run")
+    p.add_argument(
+        "--trl-threads", type=int, default=None, help="TRL's torch threads (default: one per core)"
+    )
+    p.add_argument("--workdir", type=Path, default=None, help="models, data and runs go here")
     args = parser.parse_args(argv)
 
     if args.what == "rl-step":
@@ -346,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         _print("memory", result)
         return result["exit_code"]
 
+    if args.what == "trl":
+        return _side_by_side(args, parser)
     sizes = ["demo", "large"] if args.size == "both" else [args.size]
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as tmp:
         root = args.workdir or Path(tmp)
@@ -358,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                     ),
                 )
             if args.what in ("sync", "all"):
-                _print("weight_sync", bench_sync(root, size, args.repeat))
+                for backend in args.backends:
+                    _print("weight_sync", bench_sync(root, size, args.repeat, backend))
             if args.what in ("dpo-ref", "all"):
                 _print("dpo_reference", bench_dpo_ref(root, size, args.repeat))
     return 0

@@ -241,6 +241,7 @@ def _run_steps(
     t_start, tokens = time.time(), 0.0
     while state["step"] < scfg.max_steps:
         step = state["step"]
+        t_step = time.perf_counter()
         sums = _train_step(task, engine, data, scfg, cfg.run.seed, step, rank, world)
         # Skipped by our guard, or by DeepSpeed itself (it skips on overflow without calling us).
         skipped = (
@@ -263,6 +264,7 @@ def _run_steps(
                 f"{stage}/lr": engine.get_lr()[0],
                 f"{stage}/grad_norm": eng.global_grad_norm(engine),
                 f"{stage}/skipped_steps": state["skipped_steps"],
+                f"{stage}/timing/step": time.perf_counter() - t_step,
             }
         )
         if tokens:  # language-modelling stages count tokens; preference stages count pairs
