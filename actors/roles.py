@@ -31,7 +31,12 @@ class _Rank:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.on_gpu = role.gpus_per_actor > 0 and torch.cuda.is_available()
         if not self.on_gpu:
-            torch.set_num_threads(max(1, int(round(role.cpus_per_actor))))
+            # The whole bundle, shared with any colocated roles: they take turns (one phase at a
+            # time), so whoever computes gets every core. Set once: nothing else in this process
+            # changes it, and it holds for every phase method.
+            from actors.group import bundle_threads
+
+            torch.set_num_threads(bundle_threads(role.cpus_per_actor))
         if not dist.is_initialized():
             address = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
             dist.init_process_group(
@@ -214,8 +219,12 @@ class PolicyActor(_Trained):
         )
         return {"out": out.cpu(), "compute_s": time.perf_counter() - t0}
 
-    def train(self, batch: dict, step: int, kl_coef: float) -> dict[str, float]:
-        """PPO epochs on the batch; `kl_coef` is the KL controller's live coefficient."""
+    def train(
+        self, batch: dict, step: int, kl_coef: float, on_policy: bool = False
+    ) -> dict[str, float]:
+        """PPO epochs on the batch; `kl_coef` is the KL controller's live coefficient.
+        `on_policy`: no old logprobs were computed; the update's forward stands in for them and
+        returns the trainer-vs-engine gap (`rollout/logprob_gap`)."""
         from rlhf.rl.worker import policy_update
 
         t0 = time.perf_counter()
@@ -230,14 +239,18 @@ class PolicyActor(_Trained):
             step,
             self.ptx,
             kl_coef,
+            on_policy,
         )
         self.version += 1
         self._check_nonfinite(out)
         out["compute/train_policy_s"] = time.perf_counter() - t0
         return out
 
-    def full_weights(self) -> dict[str, torch.Tensor] | None:
-        """Plain HF weights (LoRA merged), gathered on rank 0; every rank must call it."""
+    def full_weights(self, live: bool = False) -> dict[str, torch.Tensor] | None:
+        """Plain HF weights (LoRA merged), gathered on rank 0 (None elsewhere); every rank must
+        call it. CPU copies by default; `live=True` leaves every tensor where it is and, without
+        ZeRO-3 or LoRA, hands out the model's own parameters (no copy: read them before the next
+        update)."""
         import copy
 
         from rlhf import engine as eng
@@ -247,20 +260,35 @@ class PolicyActor(_Trained):
         if hasattr(module, "peft_config"):
             if self.rank != 0:
                 return None
-            return {
-                k: v.detach().cpu()
-                for k, v in merge_lora(copy.deepcopy(module)).state_dict().items()
-            }
-        state = eng.full_state_dict(self.engine)
-        return None if state is None else {k: v.detach().cpu() for k, v in state.items()}
+            state = merge_lora(copy.deepcopy(module)).state_dict()
+        elif live and self.engine.zero_optimization_stage() < 3:  # whole on every rank
+            state = module.state_dict() if self.rank == 0 else None
+        else:
+            state = eng.full_state_dict(self.engine)
+        if state is None:
+            return None
+        return {k: v.detach() if live else v.detach().cpu() for k, v in state.items()}
 
-    def weights_ref(self) -> list:
-        """[ObjectRef of the full weights] on rank 0, [None] elsewhere (a list keeps Ray from
-        resolving the ref on the way out; the weights go actor to actor, not via the driver)."""
-        import ray
+    def weights_ref(self, bucket_bytes: int) -> dict | None:
+        """Rank 0: the full weights in the object store as flat buckets of at most
+        `bucket_bytes` (`actors/weight_sync.put_buckets`): {"buckets": [(entries, ObjectRef)],
+        and the seconds of gathering and putting}; None elsewhere. Every rank must call it
+        (ZeRO-3 gathers are collectives). The refs travel inside the result, so Ray hands them
+        on unresolved: the weights go actor to actor, never through the driver."""
+        from actors.weight_sync import put_buckets
 
-        state = self.full_weights()
-        return [None if state is None else ray.put(state)]
+        t0 = time.perf_counter()
+        state = self.full_weights(live=True)
+        gathered = time.perf_counter()
+        if state is None:
+            return None
+        buckets = put_buckets(state, bucket_bytes)
+        return {
+            "buckets": buckets,
+            "weight_sync/gather_s": gathered - t0,
+            "weight_sync/put_s": time.perf_counter() - gathered,
+            "weight_sync/buckets": float(len(buckets)),
+        }
 
     def init_weight_transfer(
         self, master_address: str, master_port: int, world_size: int, backend: str
@@ -278,9 +306,9 @@ class PolicyActor(_Trained):
         collectives), rank 0 broadcasts them in buckets. Every rank must call it, while every
         engine runs `receive_weights`."""
         t0 = time.perf_counter()
-        state = self.full_weights()
+        state = self.full_weights(live=True)  # where they live: packed on the GPU for NCCL
         gathered = time.perf_counter()
-        if self.rank != 0:
+        if state is None:
             return {}
         buckets = self.weight_sender.send(state, bucket_bytes)
         return {

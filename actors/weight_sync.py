@@ -1,8 +1,18 @@
-"""Weights from policy rank 0 to every rollout engine: a bucketed broadcast over gloo or NCCL.
+"""Weights from policy rank 0 to every rollout engine, in buckets: through the Ray object store, or
+a broadcast over gloo or NCCL.
 
-One protocol for CPU and GPU; only the torch.distributed backend changes (`gloo` on CPU, `nccl`
-on GPU). Members of the "weight sync" process group: policy rank 0 (group rank 0, also the host
-of its TCP store) and every engine (group rank 1 + engine index). The other policy ranks are not
+Object store (the default on CPU, and for engines colocated with the policy on GPU): one
+`ray.put` per bucket, the bucket's tensors handed to Ray as raw byte buffers, so Ray's one copy
+into shared memory lays them out as one flat object (no pickling of tensors, no separate packing
+copy); an engine on the same node maps the object and views its tensors without a copy.
+
+    buckets = put_buckets(state, bucket_bytes=256 << 20)   # policy rank 0: [(entries, ref)]
+    for named in fetch_buckets(buckets):                   # engine: (name, tensor) per bucket
+        ...
+
+Broadcast (GPU engines on devices of their own: NCCL; `gloo` runs the same protocol on CPU):
+members of the "weight sync" process group are policy rank 0 (group rank 0, also the host of its
+TCP store) and every engine (group rank 1 + engine index). The other policy ranks are not
 members; they take part only in gathering the full weights (ZeRO-3 gathers are collectives of
 the policy's own group), so one rank sends and nobody sends twice.
 
@@ -12,17 +22,20 @@ the policy's own group), so one rank sends and nobody sends twice.
                                                          for named in rx.receive():
                                                              engine.update_weights(named)
 
-Each bucket is one contiguous byte tensor plus a JSON header (names, shapes, dtypes, byte
-offsets) broadcast before it; an empty header ends the round. Buckets keep vLLM's fused groups
-(q/k/v, gate/up of one layer) whole, so every bucket is loadable on its own. The header is JSON,
-never pickle: an engine does not unpickle what arrives on a socket.
+Each broadcast bucket is one contiguous byte tensor (packed where the weights live: on the GPU
+for NCCL) plus a JSON header (names, shapes, dtypes, byte offsets) broadcast before it; an empty
+header ends the round. The header is JSON, never pickle: an engine does not unpickle what
+arrives on a socket. Either way, buckets keep vLLM's fused groups (q/k/v, gate/up of one layer)
+whole, so every bucket is loadable on its own.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -93,11 +106,15 @@ def bucket_size(entries: list[dict]) -> int:
 def pack_bucket(
     entries: list[dict], state: dict[str, torch.Tensor], device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """The bucket's tensors as one contiguous uint8 tensor on `device` (bit-exact copies)."""
-    buf = torch.zeros(bucket_size(entries), dtype=torch.uint8, device=device)
+    """The bucket's tensors as one contiguous uint8 tensor on `device` (bit-exact copies, taken
+    from wherever each tensor lives; alignment padding is zero)."""
+    buf = torch.empty(bucket_size(entries), dtype=torch.uint8, device=device)
+    end = 0
     for e in entries:
-        src = state[e["name"]].detach().contiguous().reshape(-1)
-        buf[e["offset"] : e["offset"] + e["nbytes"]].copy_(src.view(torch.uint8))
+        buf[end : e["offset"]].zero_()
+        end = e["offset"] + e["nbytes"]
+        buf[e["offset"] : end].copy_(_bytes_of(state[e["name"]]))
+    buf[end:].zero_()
     return buf
 
 
@@ -109,6 +126,62 @@ def unpack_bucket(entries: list[dict], buf: torch.Tensor) -> list[tuple[str, tor
         raw = buf[e["offset"] : e["offset"] + e["nbytes"]]
         out.append((e["name"], raw.view(dtype).reshape(e["shape"])))
     return out
+
+
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat uint8 view (a copy only when it is not contiguous)."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+# ---- through the object store -------------------------------------------------------------------
+
+
+def put_buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> list[tuple[list[dict], Any]]:
+    """Policy rank 0: `state` in the Ray object store as [(entries, ObjectRef)], one object per
+    bucket of `plan_buckets`. An object is the bucket's tensors as uint8 numpy arrays, which Ray
+    keeps out of band: `ray.put` copies their bytes once, side by side into one shared-memory
+    object, with no pickling and no packing copy before it. CPU tensors go in as views; tensors
+    on a GPU are packed there and cross to the host in one transfer per bucket."""
+    import ray
+
+    plan = plan_buckets([(k, tuple(v.shape), v.dtype) for k, v in state.items()], bucket_bytes)
+    return [(entries, ray.put(_host_arrays(entries, state))) for entries in plan]
+
+
+def _host_arrays(entries: list[dict], state: dict[str, torch.Tensor]) -> list:
+    tensors = [state[e["name"]] for e in entries]
+    away = [t.device for t in tensors if t.device.type != "cpu"]
+    if not away:
+        return [_bytes_of(t).numpy() for t in tensors]
+    flat = pack_bucket(entries, state, away[0]).cpu()
+    return [flat[e["offset"] : e["offset"] + e["nbytes"]].numpy() for e in entries]
+
+
+def fetch_buckets(buckets: list[tuple[list[dict], Any]]) -> list[list[tuple[str, torch.Tensor]]]:
+    """Engine: every bucket of `put_buckets` as (name, tensor) pairs. On the node that put them
+    the tensors view the objects' shared memory (no copy; read-only: load them, never write)."""
+    import ray
+
+    objects = ray.get([ref for _, ref in buckets])
+    return [bucket_tensors(entries, arrays) for (entries, _), arrays in zip(buckets, objects)]
+
+
+def bucket_tensors(entries: list[dict], arrays: list) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs viewing one object of `put_buckets` (its uint8 arrays, in order)."""
+    if len(arrays) != len(entries):
+        raise ValueError(f"weight bucket: {len(arrays)} arrays for {len(entries)} entries")
+    out = []
+    with warnings.catch_warnings():  # shared memory is read-only; the engine only reads it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for e, array in zip(entries, arrays):
+            if array.nbytes != e["nbytes"]:
+                raise ValueError(f"weight bucket: {e['name']} has {array.nbytes} bytes, not {e}")
+            raw = torch.from_numpy(array)
+            out.append((e["name"], raw.view(getattr(torch, e["dtype"])).reshape(e["shape"])))
+    return out
+
+
+# ---- broadcast over gloo / NCCL ----------------------------------------------------------------
 
 
 class WeightBroadcast:

@@ -262,6 +262,11 @@ class DPOConfig(TrainStageConfig):
     beta: float = Field(0.1, gt=0, description="Strength of the implicit KL to the reference.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO label noise.")
     nll_coef: float = Field(0.0, ge=0, description="Weight of an NLL term on chosen responses.")
+    precompute_reference: bool = Field(
+        False,
+        description="Score every pair with the frozen reference once, when the data are "
+        "prepared, and store it with them: no reference in the engine, no reference forward.",
+    )
     format: Literal["auto", "pairwise", "ranked"] = Field("auto", description="Preference format.")
     prompt_format: PromptFormat = Field("auto", description=PROMPT_FORMAT_DOC)
     columns: dict[str, str] = Field(default_factory=dict, description=COLUMNS_DOC)
@@ -325,7 +330,7 @@ class RolloutConfig(Section):
         "bucketed broadcast from policy rank 0 (actors/weight_sync.py).",
     )
     weight_bucket_mb: float = Field(
-        256.0, gt=0, description="gloo/nccl weight sync: size of one broadcast bucket, MiB."
+        256.0, gt=0, description="Weight sync: one bucket (object or broadcast), MiB."
     )
     max_logprob_gap: float = Field(
         0.05, gt=0, description="Mean |trainer - rollout| logprob above this: stale engine, stop."
@@ -372,6 +377,12 @@ class RLConfig(Section):
     )
     ppo_epochs: int = Field(1, ge=1, description="Passes over each step's experience.")
     mini_batch_size: int = Field(64, ge=1, description="Samples per optimizer step.")
+    skip_passes: Literal["auto", "never"] = Field(
+        "auto",
+        description="auto: no old-logprob forward when the update is on-policy (ppo_epochs=1, "
+        "one mini-batch) and no reference model when kl_coef=0 with a fixed controller; never: "
+        "run both always (KL metrics at kl_coef=0, A/B checks).",
+    )
     loss_mode: Literal["token_mean", "seq_mean", "seq_sum"] = Field(
         "token_mean", description="How per-token losses are reduced."
     )
@@ -424,6 +435,13 @@ class RLConfig(Section):
             description="Roles sharing bundles, e.g. [[policy, reference], [critic, reward_model]].",
         )
     )
+    colocate_cpus: float | Literal["all"] | None = Field(
+        None,
+        description="CPUs of each bundle of a colocate group, all used (torch threads) by whichever "
+        "role's phase runs; None: the group's first role's cpus_per_actor / cpus_per_engine; all: "
+        "the running cluster's CPUs left by the other roles, split over the colocated bundles "
+        "(one machine; KubeRay manifests size pods by the first role's).",
+    )
     policy: TrainRoleConfig = Field(default_factory=TrainRoleConfig)
     critic: TrainRoleConfig = Field(default_factory=lambda: TrainRoleConfig(lr=5e-5))
     reference: RoleConfig = Field(default_factory=RoleConfig)
@@ -466,9 +484,25 @@ class RLConfig(Section):
     def rollout_batch_size(self) -> int:
         return self.prompts_per_step * self.samples_per_prompt
 
+    @property
+    def on_policy_update(self) -> bool:
+        """One optimizer step on the whole batch of samples from the current weights: the
+        training forward's own logprobs (detached) are the old logprobs, no separate pass."""
+        return (
+            self.skip_passes == "auto"
+            and self.ppo_epochs == 1
+            and self.mini_batch_size == self.rollout_batch_size
+        )
+
+    @property
+    def needs_reference(self) -> bool:
+        """The reference model is run only for a KL term that can be non-zero (an adaptive
+        controller reads the KL too), or with skip_passes='never'."""
+        return self.skip_passes == "never" or self.kl_coef > 0 or self.kl_controller == "adaptive"
+
     def roles(self) -> list[str]:
-        """The roles this algorithm and reward source need."""
-        roles = ["policy", "reference", "rollout"]
+        """The roles this algorithm, KL setting and reward source need."""
+        roles = ["policy", *(["reference"] if self.needs_reference else []), "rollout"]
         if self.algorithm == "ppo":
             roles.append("critic")
         if self.reward.kind == "model":
@@ -565,6 +599,8 @@ class RLConfig(Section):
                     f"colocate group {group}: GPU shares {gpus} must all be > 0 and "
                     f"sum to at most 1"
                 )
+        if isinstance(self.colocate_cpus, float) and self.colocate_cpus <= 0:
+            raise ValueError(f"colocate_cpus={self.colocate_cpus} must be > 0 (or 'all')")
         return self
 
     def _count(self, role: str) -> int:
@@ -580,17 +616,55 @@ class RLConfig(Section):
             return self.rollout.cpus_per_engine
         return getattr(self, role).cpus_per_actor
 
-    def resource_requests(self) -> dict[str, dict[str, float]]:
-        """Role -> total CPU/GPU it reserves (a colocated role rides on its group's first role)."""
+    def colocated_groups(self) -> list[list[str]]:
+        """The rl.colocate groups as started: roles this run needs only, the host (the role that
+        reserves the bundles) first; groups left with no role dropped."""
+        needed = self.roles()
+        groups = [[r for r in g if r in needed] for g in self.colocate]
+        return [g for g in groups if g]
+
+    def bundle_cpus(self, group: list[str], cluster_cpus: float | None = None) -> float:
+        """CPUs of each bundle of colocated `group` (a `colocated_groups()` entry); with
+        colocate_cpus='all' the running cluster's `cluster_cpus` decide (None: no cluster yet,
+        the first role's CPUs)."""
+        if self.colocate_cpus is None or (self.colocate_cpus == "all" and cluster_cpus is None):
+            return self._cpus(group[0])
+        if self.colocate_cpus != "all":
+            return self.colocate_cpus
+        groups = self.colocated_groups()
+        grouped = {r for g in groups for r in g}
+        alone = sum(self._count(r) * self._cpus(r) for r in self.roles() if r not in grouped)
+        left = cluster_cpus - alone
+        if left <= 0:
+            raise ValueError(
+                f"rl.colocate_cpus='all': the cluster's {cluster_cpus:g} CPUs leave {left:g} for "
+                f"the colocated roles after the others ({alone:g})"
+            )
+        return left / sum(self._count(g[0]) for g in groups)
+
+    @property
+    def engines_sleep(self) -> bool:
+        """Engines that share the policy's GPUs sleep (vLLM sleep mode: weights offloaded, KV
+        cache freed) while the policy trains, and wake for the weight sync and generation."""
+        on_gpu = self.rollout.gpus_per_engine > 0 and self.policy.gpus_per_actor > 0
+        return on_gpu and self._rollout_on_policy_gpus
+
+    def resource_requests(self, cluster_cpus: float | None = None) -> dict[str, dict[str, float]]:
+        """Role -> total CPU/GPU it reserves (a colocated role rides on its group's first role,
+        whose bundles have `bundle_cpus`)."""
         out: dict[str, dict[str, float]] = {}
-        riders = {r for g in self.colocate for r in [x for x in g if x in self.roles()][1:]}
+        hosts = {g[0]: g for g in self.colocated_groups()}
+        riders = {r for g in self.colocated_groups() for r in g[1:]}
         for role in self.roles():
             if role in riders:
                 continue
             n = self._count(role)
             per = self.rollout.tensor_parallel_size if role == "rollout" else 1
             gpus = float(n * per) if self._gpus(role) > 0 else 0.0
-            out[role] = {"CPU": n * self._cpus(role), "GPU": gpus}
+            cpus = self._cpus(role)
+            if role in hosts:
+                cpus = self.bundle_cpus(hosts[role], cluster_cpus)
+            out[role] = {"CPU": n * cpus, "GPU": gpus}
         return out
 
 

@@ -172,19 +172,23 @@ def compute_advantages(
     is in the reward (Ziegler 2019), then GAE with the critic's values, advantages whitened over
     the batch. Critic-free estimators: advantages from sequence scores (minus kl_coef * summed KL
     when the KL is in the reward), broadcast over the response; returns = advantages.
+    Without `ref_logprobs` (no reference model: kl_coef must be 0) there is no KL and no `kl/`
+    metric.
     """
-    batch.need(
-        "scores", "old_logprobs", "ref_logprobs", *(["values"] if algorithm == "ppo" else [])
-    )
+    batch.need("scores", "old_logprobs", *(["values"] if algorithm == "ppo" else []))
+    if batch.ref_logprobs is None and kl_coef != 0:
+        batch.need("ref_logprobs")
     mask = batch.response_mask
     scores = batch.scores.float()
-    kl = KL_ESTIMATORS[kl_estimator](batch.old_logprobs, batch.ref_logprobs) * mask
     metrics = {
         "reward/score_mean": scores.mean().item(),
         "reward/score_std": scores.std().item() if scores.numel() > 1 else 0.0,
-        "kl/mean_per_token": masked_mean(kl, mask).item(),
-        "kl/mean_per_sequence": kl.sum(-1).mean().item(),
     }
+    kl = torch.zeros_like(mask)
+    if batch.ref_logprobs is not None:
+        kl = KL_ESTIMATORS[kl_estimator](batch.old_logprobs, batch.ref_logprobs) * mask
+        metrics["kl/mean_per_token"] = masked_mean(kl, mask).item()
+        metrics["kl/mean_per_sequence"] = kl.sum(-1).mean().item()
     if algorithm == "ppo":
         if kl_in_reward:
             rewards = kl_penalized_rewards(scores, kl, mask, kl_coef)

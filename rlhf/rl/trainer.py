@@ -6,9 +6,12 @@ Each step is a checklist of timed phases (`timing/<phase>` in the metrics):
 
     generate      rollout engines sample n responses per prompt (least-loaded dispatch)
     reward        rule function, reward model actors, or an HTTP endpoint
-    ref           reference logprobs              (object refs, actor to actor)
+    ref           reference logprobs              (object refs, actor to actor); skipped, and
+                  no reference actors started, when nothing reads them (`rl.needs_reference`)
     logprobs      the policy's own logprobs of the sampled tokens (PPO's old logprobs, and
-                  the trainer-vs-engine gap check `rollout/logprob_gap`)
+                  the trainer-vs-engine gap check `rollout/logprob_gap`); skipped when the
+                  update is on-policy (`rl.on_policy_update`): the training forward's own
+                  logprobs are the old ones, and it measures the gap
     values        critic values (PPO only)
     advantages    KL, rewards, GAE or group baselines (a Ray task; the batch stays in the store)
     train_critic  value regression (PPO only)
@@ -88,6 +91,10 @@ def _advantages(
     value_parts: list,
     kwargs: dict,
 ) -> tuple[Experience, dict]:
+    """`old_parts` empty: the update is on-policy, the engine's logprobs stand in for the old
+    logprobs here (KL in the reward, `kl/` metrics; within ~1e-7 of the trainer's in fp32 after
+    a sync) and the policy's training forward measures the gap. `ref_parts` empty: no
+    reference model (kl_coef 0), no KL."""
     from rlhf.algorithms import truncated_is_weights
     from rlhf.rl.experience import compute_advantages, concat_rows, groups_with_signal
 
@@ -102,11 +109,16 @@ def _advantages(
             got = ray.get(refs)
             batch = batch.replace(**{key: concat_rows([g["out"] for g in got])})
             compute[f"compute/{key}_s"] = max(g["compute_s"] for g in got)
+    if not old_parts:
+        batch = batch.replace(old_logprobs=batch.rollout_logprobs)
     batch, metrics = compute_advantages(batch, **kwargs)
     signal = groups_with_signal(batch.scores.tolist(), kwargs["group_size"])
     metrics["reward/flat_group_frac"] = 1.0 - sum(signal) / max(1, len(signal))
-    _, gap = truncated_is_weights(batch.old_logprobs, batch.rollout_logprobs, batch.response_mask)
-    metrics.update(gap)
+    if old_parts:
+        _, gap = truncated_is_weights(
+            batch.old_logprobs, batch.rollout_logprobs, batch.response_mask
+        )
+        metrics.update(gap)
     metrics.update(compute)
     return batch, metrics
 
@@ -175,6 +187,7 @@ class RLRun:
 
         self.monitor = Monitor(cfg.monitor)
         self.reload_s = 0.0
+        self.sync_stats: dict[str, float] = {}  # the last weight sync's parts (push_weights)
         self.prompt_cursor = 0  # prompts taken from the stream so far
         if rl.uses_broadcast_sync:
             self.init_weight_broadcast()
@@ -225,9 +238,14 @@ class RLRun:
         from actors.group import ActorGroup, ResourceError, validate_resources
 
         rl = self.rl
+        available = ray.available_resources()
         try:
-            validate_resources(rl.resource_requests(), ray.available_resources())
-        except ResourceError as exc:
+            # A colocated group's bundles: rl.colocate_cpus, or its first role's CPUs.
+            bundles = {
+                g[0]: rl.bundle_cpus(g, available.get("CPU", 0.0)) for g in rl.colocated_groups()
+            }
+            validate_resources(rl.resource_requests(available.get("CPU", 0.0)), available)
+        except (ResourceError, ValueError) as exc:
             raise RLStageError(f"rl: {exc}") from None
         paths = {
             "policy": policy_dir,
@@ -241,10 +259,11 @@ class RLRun:
                 "rl.reward.kind='model' but no reward model checkpoint: add 'rm' "
                 "to run.stages or set rl.reward.model_path"
             )
-        host = {r: g[0] for g in rl.colocate for r in g}
+        # a colocated role that is not started hosts nobody
+        host = {r: g[0] for g in rl.colocated_groups() for r in g}
         groups: dict[str, ActorGroup] = {}
         try:
-            self._spawn_groups(groups, host, paths)
+            self._spawn_groups(groups, host, paths, bundles)
             ray.get([a.__ray_ready__.remote() for g in groups.values() for a in g.actors])
         except BaseException:  # an actor that failed to start: free what was reserved
             for group in reversed(list(groups.values())):
@@ -252,8 +271,15 @@ class RLRun:
             raise
         return groups
 
-    def _spawn_groups(self, groups: dict, host: dict, paths: dict) -> None:
-        """One ActorGroup per role, hosts before the roles colocated on their bundles."""
+    def _spawn_groups(self, groups: dict, host: dict, paths: dict, bundles: dict) -> None:
+        """One ActorGroup per role, hosts (reserving `bundles[host]` CPUs per bundle) before the
+        roles colocated on their bundles.
+
+        Colocated roles take turns: each actor runs as many torch threads as its bundle has CPUs
+        (`actors.group.bundle_threads`), which is right only while no two roles of one bundle
+        compute at once. `step` keeps that: every phase waits for the previous one; the only
+        overlaps are the weight sync (the policy sends while the engines receive: I/O) and
+        checkpoint save/restore (policy and critic write or read at once: I/O)."""
         from actors.group import ActorGroup
         from actors.roles import ROLE_ACTORS
         from actors.rollout import RolloutActor
@@ -264,6 +290,7 @@ class RLRun:
             spec = rl.rollout if role == "rollout" else getattr(rl, role)
             count = rl.rollout.num_engines if role == "rollout" else spec.num_actors
             cpus = rl.rollout.cpus_per_engine if role == "rollout" else spec.cpus_per_actor
+            cpus = bundles.get(role, cpus)  # ignored by a colocated rider: its host's bundles
             gpus = (  # a tensor-parallel engine holds tensor_parallel_size whole GPUs
                 rl.rollout.gpus_per_engine * rl.rollout.tensor_parallel_size
                 if role == "rollout"
@@ -442,7 +469,6 @@ class RLRun:
 
     def step(self, step: int) -> dict[str, float]:
         from rlhf.monitor import distinct_ngram_frac
-        from rlhf.rl.dispatch import StaleEngineError
         from rlhf.rl.faults import recoverable
 
         rl, t = self.rl, {}
@@ -450,10 +476,13 @@ class RLRun:
         prompts, samples, batch_ref, scores, metrics_rollout = self._rollouts(step, t)
         if rl.reward.kind == "model":  # a rule on the same answers, to catch reward hacking
             metrics_rollout.update(self._gold_mean(prompts, samples))
-        with phase(t, "ref"):
-            ref_parts = _wait(self.groups["reference"].call_async("logprobs", batch_ref))
-        with phase(t, "logprobs"):
-            old_parts = _wait(self.groups["policy"].call_async("logprobs", batch_ref))
+        on_policy, ref_parts, old_parts = rl.on_policy_update, [], []
+        if "reference" in self.groups:  # started only when something reads its logprobs
+            with phase(t, "ref"):
+                ref_parts = _wait(self.groups["reference"].call_async("logprobs", batch_ref))
+        if not on_policy:
+            with phase(t, "logprobs"):
+                old_parts = _wait(self.groups["policy"].call_async("logprobs", batch_ref))
         value_parts = []
         if rl.algorithm == "ppo":
             with phase(t, "values"):
@@ -477,21 +506,28 @@ class RLRun:
                 ),
             )
             metrics = ray.get(metrics_ref)
-        if metrics["rollout/logprob_gap"] > rl.rollout.max_logprob_gap:
-            raise StaleEngineError(
-                f"step {step + 1}: mean |trainer - rollout| logprob gap "
-                f"{metrics['rollout/logprob_gap']:.4f} > rl.rollout.max_logprob_gap = "
-                f"{rl.rollout.max_logprob_gap}: the engines do not run the policy's weights"
-            )
+        if not on_policy:
+            self._check_gap(step, metrics, "")
+        if rl.engines_sleep:  # GPU: engines sharing the policy's GPUs free them while it trains
+            with phase(t, "engine_sleep"):
+                ray.get(self.groups["rollout"].call_async("sleep"))  # the weight sync wakes them
         if rl.algorithm == "ppo":
             with phase(t, "train_critic"):
                 critic_metrics = ray.get(self.groups["critic"].call_async("train", adv_ref, step))
             metrics.update(critic_metrics[0])
         with phase(t, "train_policy"):
             policy_metrics = ray.get(
-                self.groups["policy"].call_async("train", adv_ref, step, self.kl.value)
+                self.groups["policy"].call_async("train", adv_ref, step, self.kl.value, on_policy)
             )
         metrics.update(policy_metrics[0])
+        if on_policy:  # the gap was measured by the update's own forward
+            self._check_gap(
+                step,
+                metrics,
+                " (measured in the on-policy update's forward: the stage stops before the weight "
+                "sync and before any checkpoint, so the update is never used; a model with "
+                "dropout active in training shows a gap here too: set rl.skip_passes=never)",
+            )
         with phase(t, "weight_sync"):
             try:
                 self.sync_weights()
@@ -499,7 +535,8 @@ class RLRun:
                 from rlhf.rl.faults import resync_after_train
 
                 resync_after_train(self, exc)
-        self.kl.update(metrics["kl/mean_per_sequence"], rl.rollout_batch_size)
+        if "kl/mean_per_sequence" in metrics:  # absent without a reference (kl_coef 0, fixed)
+            self.kl.update(metrics["kl/mean_per_sequence"], rl.rollout_batch_size)
         if rl.filter_groups:  # the policy's reward is that of everything it generated
             metrics["reward/trained_score_mean"] = metrics["reward/score_mean"]
         metrics.update(metrics_rollout)
@@ -524,31 +561,50 @@ class RLRun:
         metrics["perf/outside_compute_frac"] = max(0.0, 1.0 - compute / metrics["timing/step"])
         return metrics
 
+    def _check_gap(self, step: int, metrics: dict[str, float], when: str) -> None:
+        """StaleEngineError when the trainer's and the engines' logprobs of the sampled tokens
+        differ by more than rl.rollout.max_logprob_gap on average: the engines do not run the
+        policy's weights. The stage stops (a re-run resumes from the newest checkpoint)."""
+        from rlhf.rl.dispatch import StaleEngineError
+
+        gap, limit = metrics["rollout/logprob_gap"], self.rl.rollout.max_logprob_gap
+        if gap > limit:
+            raise StaleEngineError(
+                f"step {step + 1}: mean |trainer - rollout| logprob gap {gap:.4f} > "
+                f"rl.rollout.max_logprob_gap = {limit}: the engines do not run the policy's "
+                f"weights{when}"
+            )
+
     def sync_weights(self) -> None:
         """The policy's current weights into every engine, as the next version."""
         self.version += 1
         self.push_weights()
 
     def push_weights(self) -> None:
-        """The policy's weights into every engine as `self.version`; afterwards all report it."""
-        policy = self.groups["policy"]
+        """The policy's weights into every engine as `self.version`, in buckets of
+        `rl.rollout.weight_bucket_mb`; afterwards all report it. `sync_stats` gets the seconds of
+        each part (`weight_sync/...`)."""
+        policy, engines = self.groups["policy"], self.groups["rollout"].actors
+        bucket_bytes = int(self.rl.rollout.weight_bucket_mb * 2**20)
         if self.rl.uses_broadcast_sync:  # every policy rank gathers, rank 0 broadcasts buckets
-            bucket_bytes = int(self.rl.rollout.weight_bucket_mb * 2**20)
             sent = policy.call_async("send_weights", bucket_bytes)
-            got = [e.receive_weights.remote(self.version) for e in self.groups["rollout"].actors]
+            got = [e.receive_weights.remote(self.version) for e in engines]
             self.sync_stats = ray.get(sent)[0]
             self.reload_s = max(ray.get(got))
-        else:
-            refs = ray.get(policy.call_async("weights_ref"))[0]
-            self.reload_s = max(
-                ray.get(
-                    [
-                        e.load_weights.remote(refs, self.version)
-                        for e in self.groups["rollout"].actors
-                    ]
-                )
-            )
-        versions = ray.get([e.version.remote() for e in self.groups["rollout"].actors])
+            versions = ray.get([e.version.remote() for e in engines])
+        else:  # rank 0 puts flat buckets in the object store; every engine maps and loads them
+            sent = ray.get(policy.call_async("weights_ref", bucket_bytes))[0]
+            buckets = sent.pop("buckets")
+            loaded = ray.get([e.load_weights.remote(buckets, self.version) for e in engines])
+            del buckets  # the objects are freed once no engine holds them either
+            self.reload_s = max(x["reload_s"] for x in loaded)
+            fetch_s = max(x["fetch_s"] for x in loaded)
+            self.sync_stats = {
+                **sent,
+                "weight_sync/fetch_s": fetch_s,
+                "weight_sync/reload_s": self.reload_s,
+            }
+            versions = [x["version"] for x in loaded]
         if any(v != self.version for v in versions):
             from rlhf.rl.dispatch import StaleEngineError
 

@@ -168,11 +168,16 @@ def policy_update(
     step: int,
     ptx_rows: Iterator[dict] | None = None,
     kl_coef: float | None = None,
+    on_policy: bool = False,
 ) -> dict[str, float]:
     """PPO epochs over shuffled mini-batches: clipped surrogate (+ KL loss, entropy, PPO-ptx).
 
     `kl_coef`: the KL controller's live coefficient (None: the static `rl.kl_coef`). A
     non-finite loss skips the optimizer step on every rank (`policy/nonfinite_loss`).
+    `on_policy` (one epoch, one mini-batch: `rl.on_policy_update`): the old logprobs are this
+    forward's own, detached (ratio 1; the same gradient as a separate forward would give, without
+    running it), and this forward measures the trainer-vs-engine gap (`rollout/logprob_gap`: the
+    mean over micro-batches of each one's token mean).
     """
     kl_coef = rl.kl_coef if kl_coef is None else kl_coef
     temperature = rl.rollout.temperature
@@ -181,16 +186,17 @@ def policy_update(
         mask = chunk.response_mask
         logits = response_logits(engine.module, chunk).float() / temperature
         logp = token_logprobs(logits, response_tokens(chunk))
+        old = logp.detach() if on_policy else chunk.old_logprobs
         is_weights = None
         metrics: dict[str, float] = {}
-        if rl.truncated_is_cap is not None:
-            is_weights, gap = truncated_is_weights(
-                chunk.old_logprobs, chunk.rollout_logprobs, mask, rl.truncated_is_cap
-            )
+        if on_policy or rl.truncated_is_cap is not None:
+            cap = rl.truncated_is_cap
+            weights, gap = truncated_is_weights(old, chunk.rollout_logprobs, mask, cap or 2.0)
+            is_weights = None if cap is None else weights
             metrics.update(gap)
         loss, pm = ppo_policy_loss(
             logp,
-            chunk.old_logprobs,
+            old,
             chunk.advantages,
             mask,
             clip_eps_low=rl.clip_eps_low,
@@ -211,7 +217,7 @@ def policy_update(
                 rl.kl_estimate,
                 rl.loss_mode,
                 norm,
-                ratio=torch.exp(logp.detach() - chunk.old_logprobs) * mask,
+                ratio=torch.exp(logp.detach() - old) * mask,
             )
             loss = loss + kl_term
             metrics["policy/kl_loss"] = kl_term.item() * world * gas

@@ -205,7 +205,8 @@ def _pair_finish_train(sums):
 
 
 class PolicyWithReference(torch.nn.Module):
-    """DPO's policy and its frozen reference in one module, so one DeepSpeed engine holds both."""
+    """DPO's policy and its frozen reference in one module, so one DeepSpeed engine holds both
+    (without dpo.precompute_reference; with it the engine holds the policy alone)."""
 
     def __init__(self, policy: torch.nn.Module, reference: torch.nn.Module) -> None:
         super().__init__()
@@ -216,7 +217,69 @@ class PolicyWithReference(torch.nn.Module):
 
 def _build_dpo(cfg: Config, init_dir: str) -> torch.nn.Module:
     policy = _load_causal_lm(cfg, init_dir, cfg.dpo.lora)
+    if cfg.dpo.precompute_reference:  # the reference's logprobs come with the data
+        return policy
     return PolicyWithReference(policy, _load_causal_lm(cfg, init_dir))
+
+
+def _prepare_dpo(cfg: Config, init_dir: str) -> tuple[Any, Any, dict]:
+    """The preference rows; with dpo.precompute_reference each row also gets the frozen
+    reference's summed response logprobs (`ref_chosen_logp`, `ref_rejected_logp`), computed here
+    once, in the driver (on its GPU when the stage trains on GPUs and the driver has one), and
+    saved with the data, so the workers neither hold nor run the reference."""
+    import time
+
+    train, evals, report = _prepare_preferences("dpo")(cfg, init_dir)
+    if not cfg.dpo.precompute_reference:
+        return train, evals, report
+    from rlhf import engine as eng
+
+    t0 = time.perf_counter()
+    on_gpu = cfg.dpo.use_gpu and torch.cuda.is_available()
+    dtype = eng.precision_dtype(cfg.dpo.precision, on_gpu)
+    reference = _load_causal_lm(cfg, init_dir).to("cuda" if on_gpu else "cpu", dtype).eval()
+    train, evals = (
+        _with_reference_logprobs(reference, ds, cfg.dpo.micro_batch_size) for ds in (train, evals)
+    )
+    report["reference_logprobs"] = {
+        "precomputed": True,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    return train, evals, report
+
+
+@torch.no_grad()
+def _reference_logprobs(reference: torch.nn.Module, rows: list[dict]) -> torch.Tensor:
+    """The reference's summed response logprobs of each pair's chosen and rejected answers,
+    (N, 2), as the live reference computes them in `_dpo_terms`."""
+    device = next(reference.parameters()).device
+    batch = {k: v.to(device) for k, v in _pair_collate(rows).items()}
+    logps, _ = _seq_logprobs(reference, batch)
+    return torch.stack(logps.float().cpu().chunk(2), dim=1)
+
+
+def _with_reference_logprobs(reference: torch.nn.Module, ds: Any, batch_size: int) -> Any:
+    if len(ds) == 0:
+        return ds
+    parts = [
+        _reference_logprobs(reference, [ds[j] for j in range(i, min(i + batch_size, len(ds)))])
+        for i in range(0, len(ds), batch_size)
+    ]
+    table = torch.cat(parts)
+    ds = ds.add_column("ref_chosen_logp", table[:, 0].tolist())
+    return ds.add_column("ref_rejected_logp", table[:, 1].tolist())
+
+
+def _dpo_collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """`_pair_collate`, plus the precomputed reference logprobs (2B,) when the rows carry them."""
+    batch = _pair_collate(rows)
+    if "ref_chosen_logp" in rows[0]:
+        batch["ref_logps"] = torch.tensor(
+            [r["ref_chosen_logp"] for r in rows] + [r["ref_rejected_logp"] for r in rows],
+            dtype=torch.float32,
+        )
+    return batch
 
 
 def _seq_logprobs(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,9 +292,20 @@ def _seq_logprobs(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, to
 
 
 def _dpo_terms(module: torch.nn.Module, batch: dict, loss_name: str, dcfg: Any):
-    logps, counts = _seq_logprobs(module.policy, batch)
-    with torch.no_grad():
-        ref_logps, _ = _seq_logprobs(module.reference, batch)
+    """The preference loss of the policy against the live reference (a `PolicyWithReference`)
+    or against the logprobs precomputed with the data (a plain policy)."""
+    if isinstance(module, PolicyWithReference):
+        logps, counts = _seq_logprobs(module.policy, batch)
+        with torch.no_grad():
+            ref_logps, _ = _seq_logprobs(module.reference, batch)
+    elif "ref_logps" in batch:
+        logps, counts = _seq_logprobs(module, batch)
+        ref_logps = batch["ref_logps"].to(logps.device)
+    else:
+        raise ValueError(
+            "dpo.precompute_reference=true, but the prepared data carry no reference logprobs "
+            "(they were prepared without it): delete <run dir>/dpo/data to prepare them again"
+        )
     half = logps.shape[0] // 2
     return PREFERENCE_LOSSES[loss_name](
         logps[:half],
@@ -320,12 +394,12 @@ def _rm_task(cfg: Config) -> StageTask:
 
 def _dpo_task(cfg: Config) -> StageTask:
     return StageTask(
-        prepare_data=_prepare_preferences("dpo"),
+        prepare_data=_prepare_dpo,
         build_model=_build_dpo,
         loss=_dpo_loss_fn(cfg.dpo),
         eval_sums=_dpo_eval_fn(cfg.dpo),
         export=_export_hf,
-        **_PAIRS,
+        **{**_PAIRS, "collate": _dpo_collate},
     )
 
 

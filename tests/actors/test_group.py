@@ -51,6 +51,31 @@ def test_a_colocated_role_shares_the_placement_group(ray_cluster):
     ray.get(ray.remote(num_cpus=2)(lambda: None).remote(), timeout=60)
 
 
+class Threads:
+    def threads(self):
+        import torch
+
+        from actors.group import bundle_threads
+
+        torch.set_num_threads(bundle_threads(0.25))  # as every role actor's set-up does
+        return os.environ["OMP_WAIT_POLICY"], torch.get_num_threads()
+
+
+def test_colocated_roles_each_size_their_threads_to_the_whole_bundle(ray_cluster):
+    host = ActorGroup(Threads, "policy", num_actors=1, cpus_per_actor=2)
+    rider = ActorGroup(Threads, "reference", num_actors=1, cpus_per_actor=0.25, colocate_with=host)
+    try:
+        assert rider.bundle_cpus == host.bundle_cpus == 2
+        # Both get the bundle's 2 CPUs (not the rider's 0.25), and idle OpenMP threads sleep.
+        assert ray.get(host.call_async("threads") + rider.call_async("threads")) == [
+            ("PASSIVE", 2),
+            ("PASSIVE", 2),
+        ]
+    finally:
+        rider.kill()
+        host.kill()
+
+
 def test_resource_arithmetic_is_checked_before_anything_starts():
     validate_resources({"policy": {"CPU": 1}, "rollout": {"CPU": 1}}, {"CPU": 2.0})
     with pytest.raises(

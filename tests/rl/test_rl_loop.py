@@ -46,9 +46,15 @@ def rl_config(tmp_path, *extra):
     )
 
 
-def _weights(run):
-    refs = ray.get(run.groups["policy"].call_async("weights_ref"))[0]
-    return ray.get(refs[0])
+def _weight_buckets(run):
+    """Policy rank 0's weights in the object store: [(entries, ref)] (what an engine loads)."""
+    return ray.get(run.groups["policy"].call_async("weights_ref", 1 << 20))[0]["buckets"]
+
+
+def _weights(buckets):
+    from actors.weight_sync import fetch_buckets
+
+    return {name: t.clone() for bucket in fetch_buckets(buckets) for name, t in bucket}
 
 
 def test_ppo_two_engines_data_parallel_colocated(tmp_path, tiny_dir, ray_cluster):
@@ -74,7 +80,8 @@ def test_ppo_two_engines_data_parallel_colocated(tmp_path, tiny_dir, ray_cluster
     )
     run = RLRun(cfg, str(tiny_dir), reward_model_dir=str(tiny_dir))
     try:
-        before = _weights(run)
+        before_buckets = _weight_buckets(run)
+        before = _weights(before_buckets)
         m1 = run.step(0)
         # Step 2 with dynamic sampling: the reward model's scores of a group always differ.
         run.rl = run.rl.model_copy(update={"filter_groups": True})
@@ -110,18 +117,18 @@ def test_ppo_two_engines_data_parallel_colocated(tmp_path, tiny_dir, ray_cluster
         assert run.version == 2
         assert ray.get([e.version.remote() for e in run.groups["rollout"].actors]) == [2, 2]
         assert all(n > 0 for n in run.dispatcher.served), run.dispatcher.served
-        after = _weights(run)
+        after = _weights(_weight_buckets(run))
         changed = [k for k in before if not torch.equal(before[k], after[k])]
         assert len(changed) > len(before) // 2
 
         # A stale engine cannot go unnoticed: put the old weights back into engine 0 under the
         # current version number; the next step's trainer/engine logprob gap stops the run.
-        ref = ray.put(before)
-        ray.get(run.groups["rollout"].actors[0].load_weights.remote([ref], run.version))
+        old = before_buckets
+        ray.get(run.groups["rollout"].actors[0].load_weights.remote(old, run.version))
         with pytest.raises(StaleEngineError, match="logprob gap"):
             run.step(2)
         # And an engine that missed an update is caught by its version stamp.
-        ray.get(run.groups["rollout"].actors[1].load_weights.remote([ref], run.version - 1))
+        ray.get(run.groups["rollout"].actors[1].load_weights.remote(old, run.version - 1))
         with pytest.raises(StaleEngineError, match="missed a weight update"):
             run.step(3)
     finally:
@@ -244,7 +251,7 @@ def test_run_rl_saves_a_loadable_policy(tmp_path, tiny_dir, ray_cluster):
 
 
 def test_bad_setups_fail_before_training(tmp_path, tiny_dir, ray_cluster):
-    cfg = rl_config(tmp_path, "rl.policy.cpus_per_actor=64")
+    cfg = rl_config(tmp_path, "rl.policy.cpus_per_actor=64", "rl.colocate=[]")
     with pytest.raises(RLStageError, match=r"roles need 6[5-9](\.\d+)? CPU .* cluster has 2"):
         RLRun(cfg, str(tiny_dir), None)
     cfg = rl_config(tmp_path, "rl.max_prompt_length=8")

@@ -1,5 +1,6 @@
-"""Weight sync by bucketed broadcast (actors/weight_sync.py): packing, the gloo protocol, and the
-RL loop with 2 ZeRO-3 policy ranks and 2 vLLM engines synced over gloo (the GPU path's protocol,
+"""Weight sync in buckets (actors/weight_sync.py): packing, flat buckets through the object store,
+the gloo protocol, the RL loop syncing a tied model's weights through the object store in several
+buckets, and with 2 ZeRO-3 policy ranks and 2 vLLM engines over gloo (the GPU path's protocol,
 with the NCCL backend swapped for gloo)."""
 
 import threading
@@ -9,8 +10,17 @@ import ray
 import torch
 
 from actors.group import free_port
-from actors.weight_sync import WeightBroadcast, pack_bucket, plan_buckets, unpack_bucket
+from actors.weight_sync import (
+    WeightBroadcast,
+    fetch_buckets,
+    pack_bucket,
+    plan_buckets,
+    put_buckets,
+    unpack_bucket,
+)
+from rlhf.models.factory import ensure_tiny_model
 from rlhf.rl.trainer import RLRun
+from tests.rl.conftest import TINY
 from tests.rl.test_rl_loop import rl_config
 
 
@@ -63,6 +73,26 @@ def test_buckets_keep_fused_groups_whole_and_round_trip_bit_exactly():
             ref = state[name]
             assert tensor.dtype == ref.dtype and tensor.shape == ref.shape
             assert torch.equal(tensor.view(-1).view(torch.uint8), ref.view(-1).view(torch.uint8))
+
+
+@pytest.mark.ray
+def test_object_store_buckets_give_back_every_tensor_bit_exactly_without_copying(ray_cluster):
+    state = _llama_like_state()
+    state["model.layers.0.mlp.down_proj.weight"] = torch.randn(8, 16).t()  # not contiguous
+    buckets = put_buckets(state, 1024)
+    assert len(buckets) > 1 and all(isinstance(entries, list) for entries, _ in buckets)
+    got = fetch_buckets(buckets)
+    flat = dict(pair for bucket in got for pair in bucket)
+    assert list(flat) == list(state)  # each tensor once, in order
+    for name, ref in state.items():
+        assert flat[name].dtype == ref.dtype and flat[name].shape == ref.shape, name
+        assert torch.equal(flat[name], ref), name
+    # The tensors view the objects' shared memory: a second fetch maps the same bytes.
+    again = dict(pair for bucket in fetch_buckets(buckets) for pair in bucket)
+    assert all(again[n].data_ptr() == flat[n].data_ptr() for n in state)
+    # The objects are snapshots: changing the source afterwards does not reach them.
+    state["model.embed_tokens.weight"].add_(1.0)
+    assert not torch.equal(flat["model.embed_tokens.weight"], state["model.embed_tokens.weight"])
 
 
 def test_gloo_broadcast_gives_every_receiver_every_tensor_bit_exactly():
@@ -128,5 +158,47 @@ def test_two_zero3_policy_ranks_sync_two_engines_over_gloo(tmp_path, tiny_dir, r
         assert m2["kl/mean_per_token"] != 0.0  # the policy moved away from the reference
         assert ray.get([e.version.remote() for e in run.groups["rollout"].actors]) == [2, 2]
         assert all(n > 0 for n in run.dispatcher.served), run.dispatcher.served
+    finally:
+        run.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+@pytest.mark.e2e
+def test_object_store_sync_in_buckets_gives_the_engine_a_tied_models_trained_weights(
+    tmp_path, ray_cluster
+):
+    """A model whose output head is its input embedding, trained one step and synced through the
+    object store in several buckets (fused q/k/v and gate/up groups whole): the engine samples
+    with exactly the trainer's weights (logprob gap ~ 0). The tied head is sent too: vLLM's CPU
+    build keeps a packed copy of the output head that only reloading `lm_head.weight` renews."""
+    tied_dir = ensure_tiny_model(tmp_path / "tied", seed=0, tie_word_embeddings=True, **TINY)
+    cfg = rl_config(
+        tmp_path,
+        "rl.algorithm=grpo",
+        "rl.rollout.weight_sync=object_store",
+        "rl.rollout.weight_bucket_mb=0.05",  # several buckets for the tiny model
+        "rl.policy.warmup_steps=0",
+    )
+    run = RLRun(
+        cfg, str(tied_dir), None, reward_fn=lambda prompt, response, label: len(response) % 2
+    )
+    try:
+        run.step(0)
+        stats = run.sync_stats
+        assert stats["weight_sync/buckets"] > 1 and stats["weight_sync/reload_s"] > 0
+        assert ray.get([e.version.remote() for e in run.groups["rollout"].actors]) == [1]
+        # What the engine was sent: the policy's weights, bit for bit.
+        sent = ray.get(run.groups["policy"].call_async("weights_ref", int(0.05 * 2**20)))[0]
+        flat = dict(pair for bucket in fetch_buckets(sent["buckets"]) for pair in bucket)
+        policy = ray.get(run.groups["policy"].call_async("full_weights"))[0]
+        assert torch.equal(policy["lm_head.weight"], policy["model.embed_tokens.weight"])  # tied
+        assert flat.keys() == policy.keys()
+        assert all(torch.equal(flat[k], policy[k]) for k in flat)
+        # Step 2 samples with the weights step 1 trained and synced: the engine's logprobs of
+        # its samples are the trainer's (float32 on both sides).
+        m2 = run.step(1)
+        assert m2["rollout/logprob_gap"] < 1e-3, m2["rollout/logprob_gap"]
+        assert m2["kl/mean_per_token"] != 0.0  # the policy moved away from the reference
     finally:
         run.shutdown()

@@ -1,0 +1,116 @@
+"""No redundant passes in an RL step: no old-logprob forward when the update is on-policy, no
+reference model when nothing reads its logprobs (rl.skip_passes=auto, the default)."""
+
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from test_rl_loop import _coin, _weight_buckets, rl_config
+
+from rlhf.config import load_config
+from rlhf.rl.dispatch import StaleEngineError
+from rlhf.rl.trainer import RLRun
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _weights(run):
+    """Policy rank 0's full weights (CPU copies)."""
+    return ray.get(run.groups["policy"].call_async("full_weights"))[0]
+
+
+# 4 prompts x 2 samples = 8 = one mini-batch, one epoch: on-policy. kl_coef 0 (fixed): no
+# reference. Full lr from the first step, so one update moves the policy measurably.
+ON_POLICY = [
+    "rl.algorithm=grpo",
+    "rl.kl_coef=0",
+    "rl.mini_batch_size=8",
+    "rl.policy.warmup_steps=0",
+    "rl.policy.lr=1e-2",
+]
+
+
+def test_the_reference_is_left_out_only_when_nothing_reads_it():
+    from rlhf.kuberay import worker_groups
+
+    apart = ["run.stages=[rl]", "rl.colocate=[]", "rl.colocate_cpus=null"]  # a group per role
+
+    def rl(*extra):
+        return load_config(REPO / "configs/tiny_cpu.yaml", [*apart, *extra]).rl
+
+    off = rl("rl.kl_coef=0")
+    assert not off.needs_reference and "reference" not in off.roles()
+    assert set(off.resource_requests()) == {"policy", "rollout", "critic"}
+    cfg = load_config(REPO / "configs/tiny_cpu.yaml", [*apart, "rl.kl_coef=0"])
+    assert [g.name for g in worker_groups(cfg)] == ["rl-policy", "rl-rollout", "rl-critic"]
+    for extra in ("rl.kl_coef=0.01", "rl.kl_controller=adaptive", "rl.skip_passes=never"):
+        on = rl("rl.kl_coef=0", extra) if extra != "rl.kl_coef=0.01" else rl(extra)
+        assert on.needs_reference and "reference" in on.roles(), extra
+    # tiny_cpu.yaml: 64 x 8 samples in mini-batches of 128, 4 optimizer steps: off-policy.
+    assert not rl().on_policy_update
+    assert rl("rl.mini_batch_size=512").on_policy_update
+    assert not rl("rl.mini_batch_size=512", "rl.ppo_epochs=2").on_policy_update
+    assert not rl("rl.mini_batch_size=512", "rl.skip_passes=never").on_policy_update
+
+
+def test_advantages_without_a_reference_are_those_of_kl_coef_0_and_report_no_kl():
+    from test_experience import _batch
+
+    from rlhf.rl.experience import compute_advantages
+
+    args = dict(
+        algorithm="ppo", group_size=1, kl_estimator="k1", kl_in_reward=True, gamma=1.0, lam=1.0
+    )
+    full = _batch([1.0, 0.0], [2, 3])
+    with_ref, m_ref = compute_advantages(full, kl_coef=0.0, **args)
+    no_ref, m = compute_advantages(full.replace(ref_logprobs=None), kl_coef=0.0, **args)
+    torch.testing.assert_close(no_ref.advantages, with_ref.advantages)
+    assert "kl/mean_per_token" in m_ref and not any(k.startswith("kl/") for k in m)
+    with pytest.raises(ValueError, match="ref_logprobs"):  # a KL term needs the reference
+        compute_advantages(full.replace(ref_logprobs=None), kl_coef=0.1, **args)
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_an_on_policy_step_skips_both_passes_and_makes_the_update_of_the_separate_forward(
+    tmp_path, tiny_dir, ray_cluster
+):
+    cfg = rl_config(tmp_path, *ON_POLICY)
+    assert cfg.rl.on_policy_update and not cfg.rl.needs_reference
+    # A reward that depends on the answer's text: non-zero advantages, a real policy gradient.
+    run = RLRun(cfg, str(tiny_dir), None, reward_fn=lambda question, answer, label: _coin(answer))
+    try:
+        assert "reference" not in run.groups
+        w0, w0_buckets = _weights(run), _weight_buckets(run)
+        start, _ = run.save_checkpoint({})
+        on = run.step(0)
+        w_on = _weights(run)
+        for key in ("timing/logprobs", "timing/ref", "compute/old_logprobs_s", "kl/mean_per_token"):
+            assert key not in on, key
+        assert on["advantages/abs_mean"] > 0
+        assert on["rollout/logprob_gap"] < 1e-4  # measured by the training forward
+
+        # The same step from the same weights, with the separate old-logprob forward.
+        run.restore(start)
+        run.rl = run.rl.model_copy(update={"skip_passes": "never"})
+        sep = run.step(0)
+        w_sep = _weights(run)
+        assert sep["timing/logprobs"] > 0 and sep["compute/old_logprobs_s"] > 0
+        for key in ("reward/score_mean", "response/length_mean", "advantages/abs_mean"):
+            assert on[key] == sep[key], key  # the same samples and advantages
+        assert sep["rollout/logprob_gap"] < 1e-4
+        moved = max((w_on[k] - w0[k]).abs().max().item() for k in w0)
+        apart = max((w_on[k] - w_sep[k]).abs().max().item() for k in w0)
+        assert moved > 1e-3, moved
+        assert apart <= 1e-5 * moved, (apart, moved)  # identical here: the ratio is 1 both ways
+
+        # A stale engine is still caught, by the on-policy update's forward.
+        run.rl = run.rl.model_copy(update={"skip_passes": "auto"})
+        ray.get(run.groups["rollout"].actors[0].load_weights.remote(w0_buckets, run.version))
+        with pytest.raises(StaleEngineError, match="logprob gap .* on-policy update's forward"):
+            run.step(1)
+    finally:
+        run.shutdown()
