@@ -64,8 +64,6 @@ def policy_answers(
     sampled ones each, stopping at EOS: (greedy, sampled). `message_lists`: how many prompts came
     as lists of turns (for `auto`). `engine="vllm"`: a vLLM engine (`engine_tokens`), else
     transformers in this process (left padding, the model loaded once)."""
-    from transformers import AutoModelForCausalLM
-
     tok, rendered = encode_prompts(model_dir, prompts, prompt_format, message_lists)
     if engine == "vllm":
         greedy_ids, sampled_ids = engine_tokens(
@@ -73,6 +71,8 @@ def policy_answers(
         )
         decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
         return [decode(x) for x in greedy_ids], [[decode(x) for x in xs] for xs in sampled_ids]
+    from transformers import AutoModelForCausalLM
+
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 

@@ -326,16 +326,16 @@ def load_trainable_lm(
 ) -> torch.nn.Module:
     """A causal LM to train (the offline stages' model, the RL policy): with LoRA adapters when
     `lora.enabled` (a LoRAConfig)."""
-    model = load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    if lora is not None and lora.enabled:
-        model = apply_lora(
-            model,
-            r=lora.r,
-            alpha=lora.alpha,
-            dropout=lora.dropout,
-            target_modules=lora.target_modules,
-        )
-    return model
+    return with_lora(load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code), lora)
+
+
+def with_lora(model: torch.nn.Module, lora: Any = None) -> torch.nn.Module:
+    """`model` with LoRA adapters as a LoRAConfig says (`lora.enabled`), else unchanged."""
+    if lora is None or not lora.enabled:
+        return model
+    return apply_lora(
+        model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules
+    )
 
 
 def apply_lora(

@@ -151,21 +151,12 @@ def _rewards(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.T
 
 
 def _build_rm(cfg: Config, init_dir: str) -> torch.nn.Module:
-    from rlhf.models.factory import apply_lora, load_reward_model
+    from rlhf.models.factory import load_reward_model, with_lora
 
     model = load_reward_model(
         init_dir, trust_remote_code=cfg.model.trust_remote_code, seed=cfg.run.seed
     )
-    lora = cfg.rm.lora
-    if lora.enabled:
-        model = apply_lora(
-            model,
-            r=lora.r,
-            alpha=lora.alpha,
-            dropout=lora.dropout,
-            target_modules=lora.target_modules,
-        )
-    return model
+    return with_lora(model, cfg.rm.lora)
 
 
 def _rm_loss_fn(margin: float):
