@@ -23,6 +23,7 @@ busy machine a spinning barrier made a 2-thread training step 7x slower than 1 t
 from __future__ import annotations
 
 import os
+import random
 import socket
 from typing import Any
 
@@ -57,8 +58,33 @@ def validate_resources(requests: dict[str, dict[str, float]], available: dict[st
             )
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def free_port(low: int = 20000) -> int:
+    """A port nothing is bound to, for a store that binds it a moment later in another process.
+
+    Drawn at random from [low, start of the kernel's ephemeral range): a port the kernel hands
+    out for port 0 is also what it hands to outgoing connections, and a Ray node opens many, so
+    such a port could be taken before the store bound it (a re-created rank died with EADDRINUSE
+    that way). Ray's worker ports end at 19999 by default. Random, so groups picking at once
+    rarely draw the same port; checked by binding the wildcard address."""
+    high = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(200 if high - low >= 1000 else 0):
+        port = rng.randrange(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # an unusual port range
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

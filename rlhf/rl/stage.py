@@ -128,6 +128,14 @@ def _train(run: RLRun, writer: Any, before: dict) -> dict[str, float]:
         # Logged first: a kill between the two resumes from the previous checkpoint and drops
         # the lines after it, so no step is logged twice or lost.
         if run.steps_done % rl.save_interval == 0 and run.steps_done < rl.max_steps:
-            path, save_s = run.save_checkpoint({"before": before})
+            try:
+                path, save_s = run.save_checkpoint({"before": before})
+            except recoverable() as exc:  # a trained rank died while saving: nothing committed
+                attempts += 1
+                after = (run.prompt_cursor, run.version, run.kl.value)
+                restored = recover(run, exc, after, attempts)
+                if restored is not None:
+                    writer.rewind(restored)
+                continue
             print(f"== rl: checkpoint {path.name} in {save_s:.2f}s", flush=True)
     return metrics
