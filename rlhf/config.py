@@ -409,6 +409,13 @@ class RLConfig(Section):
     truncated_is_cap: float | None = Field(
         None, gt=0, description="Weight tokens by min(pi_trainer/pi_rollout, cap)."
     )
+    max_staleness: int = Field(
+        0,
+        ge=0,
+        description="Asynchronous rollouts: the next max_staleness steps' samples are generated "
+        "while this step trains, so a step may train on samples up to that many policy versions "
+        "old (0: synchronous). Needs rollout on its own bundles and truncated_is_cap.",
+    )
     ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx: weight of the LM loss on ptx_files.")
     ptx_files: list[DataFile] = Field(
         default_factory=list, description="PPO-ptx data (SFT formats)."
@@ -492,6 +499,7 @@ class RLConfig(Section):
             self.skip_passes == "auto"
             and self.ppo_epochs == 1
             and self.mini_batch_size == self.rollout_batch_size
+            and self.max_staleness == 0  # stale samples: the current policy's pass is the anchor
         )
 
     @property
@@ -551,6 +559,20 @@ class RLConfig(Section):
             )
         if self.reward.kind == "http" and not self.reward.url:
             raise ValueError("reward.kind='http' needs reward.url")
+        if self.max_staleness > 0:
+            shared = [g for g in self.colocate if "rollout" in g]
+            if shared:
+                raise ValueError(
+                    f"max_staleness={self.max_staleness} with rollout in rl.colocate {shared[0]}: "
+                    "asynchronous engines generate while the roles on their bundles train, so "
+                    "they cannot share them; remove rollout from rl.colocate, or max_staleness=0"
+                )
+            if self.truncated_is_cap is None:
+                raise ValueError(
+                    f"max_staleness={self.max_staleness} trains on samples of older policy "
+                    "versions: set truncated_is_cap (e.g. 2.0), the importance-weight correction "
+                    "for them"
+                )
         if self.ptx_coef > 0 and not self.ptx_files:
             raise ValueError(f"ptx_coef={self.ptx_coef} needs ptx_files")
         if self.rollout.weight_sync == "nccl" and (

@@ -9,6 +9,7 @@ died):
   bundle (ranks that share a torch.distributed group are re-created together), engines get the
   policy's current weights and version, and the interrupted step is retried from its start (the
   prompt cursor, version and KL coefficient are put back): at most one step's work is lost.
+  Samples generated ahead (rl.max_staleness) are dropped and generated again.
 - A policy or critic rank: both trained roles are re-created and restored from the newest RL
   checkpoint (or their initial weights when none exists yet), the driver state with them; at most
   rl.max_failures times in a run.
@@ -52,6 +53,7 @@ def recover(run: Any, exc: BaseException, snapshot: tuple, attempts: int) -> int
 
     rl = run.rl
     step = run.steps_done + 1
+    run.ahead.drop()  # samples generated ahead (rl.max_staleness) may come from a dead engine
     dead = {role: g.dead_ranks() for role, g in run.groups.items()}
     dead = {role: ranks for role, ranks in dead.items() if ranks}
     where = ", ".join(f"{role} rank(s) {ranks}" for role, ranks in dead.items()) or "no actor"
@@ -97,6 +99,7 @@ def recover(run: Any, exc: BaseException, snapshot: tuple, attempts: int) -> int
 def resync_after_train(run: Any, exc: BaseException) -> None:
     """An engine died during the weight sync after the policy trained: re-create it and push
     the weights again (the step's update is kept). A dead trained rank re-raises."""
+    run.ahead.drop()
     dead = {role: g.dead_ranks() for role, g in run.groups.items()}
     if any(dead.get(role) for role in TRAINED_ROLES) or not dead.get("rollout"):
         raise exc

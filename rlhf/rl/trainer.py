@@ -4,7 +4,9 @@
 
 Each step is a checklist of timed phases (`timing/<phase>` in the metrics):
 
-    generate      rollout engines sample n responses per prompt (least-loaded dispatch)
+    generate      rollout engines sample n responses per prompt (least-loaded dispatch);
+                  with rl.max_staleness > 0 the samples were generated while the previous
+                  step(s) trained (rlhf/rl/ahead.py), and this phase is the wait for them
     reward        rule function, reward model actors, or an HTTP endpoint
     ref           reference logprobs              (object refs, actor to actor); skipped, and
                   no reference actors started, when nothing reads them (`rl.needs_reference`)
@@ -189,6 +191,9 @@ class RLRun:
         self.reload_s = 0.0
         self.sync_stats: dict[str, float] = {}  # the last weight sync's parts (push_weights)
         self.prompt_cursor = 0  # prompts taken from the stream so far
+        from rlhf.rl.ahead import RolloutsAhead
+
+        self.ahead = RolloutsAhead(rl.max_staleness)
         if rl.uses_broadcast_sync:
             self.init_weight_broadcast()
 
@@ -323,6 +328,7 @@ class RLRun:
         )
 
     def shutdown(self) -> None:
+        self.ahead.close()
         for group in self.groups.values():
             group.kill()
         ray.kill(self.helper)
@@ -331,12 +337,45 @@ class RLRun:
 
     def _next_prompts(self) -> list[tuple[list[int], str | None, str]]:
         """The next prompts_per_step prompts of the shuffled stream (a new order every epoch)."""
+        prompts = self._prompts_at(self.prompt_cursor)
+        self.prompt_cursor += len(prompts)
+        return prompts
+
+    def _prompts_at(self, cursor: int) -> list[tuple[list[int], str | None, str]]:
         from rlhf.train.loop import stream_indices
 
-        k = self.rl.prompts_per_step
-        ids = stream_indices(self.prompt_cursor, k, len(self.prompts), self.cfg.run.seed)
-        self.prompt_cursor += k
+        ids = stream_indices(cursor, self.rl.prompts_per_step, len(self.prompts), self.cfg.run.seed)
         return [self.prompts[i] for i in ids]
+
+    def _seed(self, step: int, round_: int) -> int:
+        k, n = self.rl.prompts_per_step, self.rl.samples_per_prompt
+        return self.cfg.run.seed * 1_000_003 + step * 65_536 + round_ * k * n
+
+    def _generate(self, prompts: list, step: int, round_: int) -> tuple[list, float]:
+        """(samples, busiest engine's seconds) of one round's prompts; thread-safe."""
+        ro = self.rl.rollout
+        return self.dispatcher.generate_timed(
+            [p[0] for p in prompts],
+            n=self.rl.samples_per_prompt,
+            chunk_size=ro.chunk_size,
+            max_tokens=ro.max_new_tokens,
+            temperature=ro.temperature,
+            top_p=ro.top_p,
+            seed=self._seed(step, round_),
+        )
+
+    def _launch_ahead(self, step: int) -> None:
+        """rl.max_staleness > 0: start generating the next steps' first rounds (from the prompt
+        stream positions they will have if no step draws extra prompts)."""
+        rl, pending = self.rl, self.ahead.pending()
+        for ahead in range(step + 1, min(step + rl.max_staleness, rl.max_steps - 1) + 1):
+            if ahead in pending:
+                continue
+            cursor = self.prompt_cursor + (ahead - step - 1) * rl.prompts_per_step
+            prompts = self._prompts_at(cursor)
+            self.ahead.launch(
+                ahead, cursor, prompts, lambda p=prompts, s=ahead: self._generate(p, s, 0)
+            )
 
     def _rollouts(self, step: int, t: dict[str, float]) -> tuple[list, list, Any, Any, dict]:
         """One step's prompts, samples, batch (object ref) and scores, plus metrics; timed as
@@ -360,18 +399,16 @@ class RLRun:
         rounds = rl.filter_max_rounds if rl.filter_groups else 1
         for r in range(rounds):
             t0 = time.perf_counter()
-            prompts = self._next_prompts()
-            samples = self.dispatcher.generate(
-                [p[0] for p in prompts],
-                n=n,
-                chunk_size=rl.rollout.chunk_size,
-                max_tokens=rl.rollout.max_new_tokens,
-                temperature=rl.rollout.temperature,
-                top_p=rl.rollout.top_p,
-                seed=self.cfg.run.seed * 1_000_003 + step * 65_536 + r * k * n,
-            )
-            generate_s += self.dispatcher.last_compute_s
-            self.dispatcher.check_versions(samples, self.version)
+            got = self.ahead.take(step, self.prompt_cursor) if r == 0 else None
+            if got is None:
+                prompts = self._next_prompts()
+                samples, compute_s = self._generate(prompts, step, r)
+            else:  # generated while the previous step(s) trained
+                prompts, samples, compute_s, hidden_s = got
+                self.prompt_cursor += len(prompts)
+                t["rollout/generate_hidden_s"] = hidden_s
+            generate_s += compute_s
+            self.dispatcher.check_versions(samples, self.version, rl.max_staleness)
             batch_ref = None
             if not rl.filter_groups or rl.reward.kind == "model":
                 batch_ref = self._batch_ref(prompts, samples)
@@ -474,6 +511,11 @@ class RLRun:
         rl, t = self.rl, {}
         t0 = time.perf_counter()
         prompts, samples, batch_ref, scores, metrics_rollout = self._rollouts(step, t)
+        if rl.max_staleness:  # the engines go on with the next steps while this one trains
+            self._launch_ahead(step)
+        lags = [self.version - s.weights_version for s in samples]
+        metrics_rollout["rollout/staleness_mean"] = sum(lags) / len(lags)
+        metrics_rollout["rollout/staleness_max"] = float(max(lags))
         if rl.reward.kind == "model":  # a rule on the same answers, to catch reward hacking
             metrics_rollout.update(self._gold_mean(prompts, samples))
         on_policy, ref_parts, old_parts = rl.on_policy_update, [], []
@@ -506,7 +548,7 @@ class RLRun:
                 ),
             )
             metrics = ray.get(metrics_ref)
-        if not on_policy:
+        if not on_policy and not any(lags):  # older weights' samples differ by design
             self._check_gap(step, metrics, "")
         if rl.engines_sleep:  # GPU: engines sharing the policy's GPUs free them while it trains
             with phase(t, "engine_sleep"):
