@@ -25,8 +25,6 @@ The driver holds object refs and small metrics only; token tensors go from the s
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import shutil
 import time
 from contextlib import contextmanager
@@ -37,11 +35,12 @@ import ray
 import torch
 
 from rlhf.config import Config
+from rlhf.rl.errors import RLStageError
 from rlhf.rl.experience import Experience
+from rlhf.rl.layout import ActorLayout
+from rlhf.rl.rollouts import RolloutPhase, wait_refs
 
-
-class RLStageError(RuntimeError):
-    """The RL stage cannot run as configured (bad prompts, resources, a broken reward)."""
+__all__ = ["AdvantageWorker", "RLRun", "RLStageError", "phase"]
 
 
 @contextmanager
@@ -49,12 +48,6 @@ def phase(timings: dict[str, float], name: str):
     t0 = time.perf_counter()
     yield
     timings[f"timing/{name}"] = time.perf_counter() - t0
-
-
-def _wait(refs: list) -> list:
-    """Wait for refs without fetching them into the driver."""
-    ray.wait(refs, num_returns=len(refs), fetch_local=False)
-    return refs
 
 
 @ray.remote(num_cpus=0)
@@ -125,7 +118,7 @@ def _advantages(
     return batch, metrics
 
 
-class RLRun:
+class RLRun(ActorLayout, RolloutPhase):
     """Actors, data and state of one RL stage; `step()` is one checklist."""
 
     def __init__(
@@ -197,136 +190,6 @@ class RLRun:
         if rl.uses_broadcast_sync:
             self.init_weight_broadcast()
 
-    # ---- set-up -------------------------------------------------------------------------------
-
-    def _load_prompts(self, files: list) -> tuple[list[tuple[list[int], str | None, str]], dict]:
-        from rlhf.data.records import DataError
-        from rlhf.data.render import render_prompt, resolve_prompt_format
-        from rlhf.data.stages import load_prompts
-
-        try:
-            items, report = load_prompts(files, self.rl.on_error, self.rl.columns)
-            fmt = resolve_prompt_format(
-                self.rl.prompt_format, self.tok, report["message_lists"], "rl.prompt_format"
-            )
-        except DataError as exc:
-            raise RLStageError(str(exc)) from None
-        report["prompt_format"] = fmt
-        out = []
-        for i, (turns, label) in enumerate(items):
-            ids = render_prompt(turns, self.tok, fmt)  # as SFT rows and evaluation render it
-            if len(ids) > self.rl.max_prompt_length:
-                names = ", ".join(f.path for f in files)
-                raise RLStageError(
-                    f"prompt {i} of {names} has {len(ids)} tokens > rl.max_prompt_length = "
-                    f"{self.rl.max_prompt_length}: raise it or shorten the prompt"
-                )
-            out.append((ids, label, turns[-1]["content"]))
-        if not out:
-            raise RLStageError(f"no prompts in {[f.path for f in files]}")
-        return out, report
-
-    def _check_lengths(self, policy_dir: str) -> None:
-        """Prompt + answer must fit the model's positions: checked before any engine starts (vLLM
-        would refuse it there with a traceback)."""
-        config = json.loads((Path(policy_dir) / "config.json").read_text())
-        limit = config.get("max_position_embeddings")
-        need = self.rl.max_prompt_length + self.rl.rollout.max_new_tokens
-        if limit is not None and need > limit:
-            raise RLStageError(
-                f"rl.max_prompt_length + rl.rollout.max_new_tokens = {self.rl.max_prompt_length} "
-                f"+ {self.rl.rollout.max_new_tokens} = {need} exceeds the model's "
-                f"max_position_embeddings = {limit} ({policy_dir}/config.json): lower one of them"
-            )
-
-    def _start_actors(self, policy_dir: str, rm_dir: str | None, critic_dir: str) -> dict:
-        from actors.group import ActorGroup, ResourceError, validate_resources
-
-        rl = self.rl
-        available = ray.available_resources()
-        try:
-            # A colocated group's bundles: rl.colocate_cpus, or its first role's CPUs.
-            bundles = {
-                g[0]: rl.bundle_cpus(g, available.get("CPU", 0.0)) for g in rl.colocated_groups()
-            }
-            validate_resources(rl.resource_requests(available.get("CPU", 0.0)), available)
-        except (ResourceError, ValueError) as exc:
-            raise RLStageError(f"rl: {exc}") from None
-        paths = {
-            "policy": policy_dir,
-            "reference": policy_dir,
-            "rollout": policy_dir,
-            "critic": critic_dir,
-            "reward_model": rm_dir,
-        }
-        if "reward_model" in rl.roles() and not rm_dir:
-            raise RLStageError(
-                "rl.reward.kind='model' but no reward model checkpoint: add 'rm' "
-                "to run.stages or set rl.reward.model_path"
-            )
-        # a colocated role that is not started hosts nobody
-        host = {r: g[0] for g in rl.colocated_groups() for r in g}
-        groups: dict[str, ActorGroup] = {}
-        try:
-            self._spawn_groups(groups, host, paths, bundles)
-            ray.get([a.__ray_ready__.remote() for g in groups.values() for a in g.actors])
-        except BaseException:  # an actor that failed to start: free what was reserved
-            for group in reversed(list(groups.values())):
-                group.kill()
-            raise
-        return groups
-
-    def _spawn_groups(self, groups: dict, host: dict, paths: dict, bundles: dict) -> None:
-        """One ActorGroup per role, hosts (reserving `bundles[host]` CPUs per bundle) before the
-        roles colocated on their bundles.
-
-        Colocated roles take turns: each actor runs as many torch threads as its bundle has CPUs
-        (`actors.group.bundle_threads`), which is right only while no two roles of one bundle
-        compute at once. `step` keeps that: every phase waits for the previous one; the only
-        overlaps are the weight sync (the policy sends while the engines receive: I/O) and
-        checkpoint save/restore (policy and critic write or read at once: I/O)."""
-        from actors.group import ActorGroup
-        from actors.roles import ROLE_ACTORS
-        from actors.rollout import RolloutActor
-
-        rl = self.rl
-        order = sorted(rl.roles(), key=lambda r: (host.get(r, r) != r, r != "policy"))
-        for role in order:
-            spec = rl.rollout if role == "rollout" else getattr(rl, role)
-            count = rl.rollout.num_engines if role == "rollout" else spec.num_actors
-            cpus = rl.rollout.cpus_per_engine if role == "rollout" else spec.cpus_per_actor
-            cpus = bundles.get(role, cpus)  # ignored by a colocated rider: its host's bundles
-            gpus = (  # a tensor-parallel engine holds tensor_parallel_size whole GPUs
-                rl.rollout.gpus_per_engine * rl.rollout.tensor_parallel_size
-                if role == "rollout"
-                else spec.gpus_per_actor
-            )
-            first = next((r for r in [host.get(role, role)] if r in groups and r != role), None)
-            cls = RolloutActor if role == "rollout" else ROLE_ACTORS[role]
-            groups[role] = ActorGroup(
-                cls,
-                role,
-                count,
-                cpus_per_actor=cpus,
-                gpus_per_actor=gpus,
-                colocate_with=groups[first] if first else None,
-                actor_kwargs={"cfg": self.cfg, "model_path": paths[role]},
-            )
-
-    def init_weight_broadcast(self) -> None:
-        """A fresh weight-sync group (gloo or NCCL): policy rank 0 as member 0 and the host of
-        its TCP store (a new port on its node), engine i as member 1 + i. All join at once."""
-        from actors.group import _master_address
-
-        policy, engines = self.groups["policy"], self.groups["rollout"].actors
-        strategy = policy._strategy(0)  # the store listens on policy rank 0's node
-        address, port = ray.get(_master_address.options(scheduling_strategy=strategy).remote())
-        world, backend = 1 + len(engines), self.rl.weight_sync_backend
-        ray.get(
-            [policy.actors[0].init_weight_transfer.remote(address, port, world, backend)]
-            + [e.init_weight_sync.remote(address, port, world, backend) for e in engines]
-        )
-
     def shutdown(self) -> None:
         self.ahead.close()
         for group in self.groups.values():
@@ -334,175 +197,6 @@ class RLRun:
         ray.kill(self.helper)
 
     # ---- one step -----------------------------------------------------------------------------
-
-    def _next_prompts(self) -> list[tuple[list[int], str | None, str]]:
-        """The next prompts_per_step prompts of the shuffled stream (a new order every epoch)."""
-        prompts = self._prompts_at(self.prompt_cursor)
-        self.prompt_cursor += len(prompts)
-        return prompts
-
-    def _prompts_at(self, cursor: int) -> list[tuple[list[int], str | None, str]]:
-        from rlhf.train.loop import stream_indices
-
-        ids = stream_indices(cursor, self.rl.prompts_per_step, len(self.prompts), self.cfg.run.seed)
-        return [self.prompts[i] for i in ids]
-
-    def _seed(self, step: int, round_: int) -> int:
-        k, n = self.rl.prompts_per_step, self.rl.samples_per_prompt
-        return self.cfg.run.seed * 1_000_003 + step * 65_536 + round_ * k * n
-
-    def _generate(self, prompts: list, step: int, round_: int) -> tuple[list, float]:
-        """(samples, busiest engine's seconds) of one round's prompts; thread-safe."""
-        ro = self.rl.rollout
-        return self.dispatcher.generate_timed(
-            [p[0] for p in prompts],
-            n=self.rl.samples_per_prompt,
-            chunk_size=ro.chunk_size,
-            max_tokens=ro.max_new_tokens,
-            temperature=ro.temperature,
-            top_p=ro.top_p,
-            seed=self._seed(step, round_),
-        )
-
-    def _launch_ahead(self, step: int) -> None:
-        """rl.max_staleness > 0: start generating the next steps' first rounds (from the prompt
-        stream positions they will have if no step draws extra prompts)."""
-        rl, pending = self.rl, self.ahead.pending()
-        for ahead in range(step + 1, min(step + rl.max_staleness, rl.max_steps - 1) + 1):
-            if ahead in pending:
-                continue
-            cursor = self.prompt_cursor + (ahead - step - 1) * rl.prompts_per_step
-            prompts = self._prompts_at(cursor)
-            self.ahead.launch(
-                ahead, cursor, prompts, lambda p=prompts, s=ahead: self._generate(p, s, 0)
-            )
-
-    def _rollouts(self, step: int, t: dict[str, float]) -> tuple[list, list, Any, Any, dict]:
-        """One step's prompts, samples, batch (object ref) and scores, plus metrics; timed as
-        `generate` and `reward`.
-
-        With rl.filter_groups (DAPO's dynamic sampling), rounds of prompts_per_step prompts are
-        sampled and scored until prompts_per_step prompts whose samples' scores differ are found,
-        or for rl.filter_max_rounds rounds; a batch still short is filled with equal-score groups
-        (they carry no policy gradient, and `filter/padded_groups` counts them), so the training
-        batch always has rollout_batch_size samples.
-        """
-        from rlhf.rl.experience import groups_with_signal
-
-        rl = self.rl
-        k, n = rl.prompts_per_step, rl.samples_per_prompt
-        t["timing/generate"] = t["timing/reward"] = 0.0
-        generate_s = reward_compute_s = 0.0  # engine-reported compute seconds
-        rich: list[tuple] = []  # (prompt, samples, scores) of groups whose scores differ
-        flat: list[tuple] = []  # and of the others
-        seen: list[float] = []
-        rounds = rl.filter_max_rounds if rl.filter_groups else 1
-        for r in range(rounds):
-            t0 = time.perf_counter()
-            got = self.ahead.take(step, self.prompt_cursor) if r == 0 else None
-            if got is None:
-                prompts = self._next_prompts()
-                samples, compute_s = self._generate(prompts, step, r)
-            else:  # generated while the previous step(s) trained
-                prompts, samples, compute_s, hidden_s = got
-                self.prompt_cursor += len(prompts)
-                t["rollout/generate_hidden_s"] = hidden_s
-            generate_s += compute_s
-            self.dispatcher.check_versions(samples, self.version, rl.max_staleness)
-            batch_ref = None
-            if not rl.filter_groups or rl.reward.kind == "model":
-                batch_ref = self._batch_ref(prompts, samples)
-            t1 = time.perf_counter()
-            t["timing/generate"] += t1 - t0
-            scores = self._rewards(prompts, samples, batch_ref)
-            if not rl.filter_groups:
-                if isinstance(scores, ray.ObjectRef):
-                    _wait([scores])
-                t["timing/reward"] += time.perf_counter() - t1
-                return prompts, samples, batch_ref, scores, {"compute/generate_s": generate_s}
-            if isinstance(scores, ray.ObjectRef):
-                got = ray.get(scores)
-                reward_compute_s += got["compute_s"]
-                scores = got["out"].tolist()
-            t["timing/reward"] += time.perf_counter() - t1
-            seen += scores
-            for i, signal in enumerate(groups_with_signal(scores, n)):
-                group = (prompts[i], samples[i * n : (i + 1) * n], scores[i * n : (i + 1) * n])
-                (rich if signal else flat).append(group)
-            if len(rich) >= k:
-                break
-        groups = (rich + flat)[:k]
-        t0 = time.perf_counter()
-        prompts = [g[0] for g in groups]
-        samples = [
-            dataclasses.replace(s, prompt_index=i) for i, g in enumerate(groups) for s in g[1]
-        ]
-        scores = [x for g in groups for x in g[2]]
-        batch_ref = self._batch_ref(prompts, samples)
-        t["timing/generate"] += time.perf_counter() - t0
-        metrics = {
-            "filter/rounds": float(r + 1),
-            "filter/signal_frac": len(rich) / ((r + 1) * k),
-            "filter/padded_groups": float(max(0, k - len(rich))),
-            "reward/flat_group_frac": 1.0 - len(rich) / ((r + 1) * k),
-            "reward/score_mean": sum(seen) / len(seen),
-            "compute/generate_s": generate_s,
-        }
-        if rl.reward.kind == "model":
-            metrics["compute/reward_s"] = reward_compute_s
-        return prompts, samples, batch_ref, scores, metrics
-
-    def _batch_ref(self, prompts: list, samples: list) -> ray.ObjectRef:
-        from rlhf.rl.experience import build_batch
-
-        return ray.put(
-            build_batch(
-                [prompts[s.prompt_index][0] for s in samples],
-                [s.token_ids for s in samples],
-                [s.logprobs for s in samples],
-                pad_id=self.tok.pad_token_id,
-            )
-        )
-
-    def _rewards(self, prompts: list, samples: list, batch_ref: Any) -> Any:
-        """Scores (B,) as a list of floats, or an object ref to a tensor (reward model)."""
-        rc = self.rl.reward
-        if rc.kind == "model":
-            return self.helper.concat.remote(
-                self.groups["reward_model"].call_async("scores", batch_ref)
-            )
-        texts = [self.tok.decode(s.token_ids, skip_special_tokens=True) for s in samples]
-        questions = [prompts[s.prompt_index][2] for s in samples]
-        labels = [prompts[s.prompt_index][1] for s in samples]
-        from rlhf.rl.rewards import RewardError, http_rewards, rule_rewards
-
-        try:
-            if rc.kind == "http":
-                scores = http_rewards(rc.url, questions, texts, labels, rc.timeout_s)
-            else:
-                scores = rule_rewards(self.reward_rule, questions, texts, labels)
-        except RewardError as exc:
-            raise RLStageError(str(exc)) from None
-        if rc.clip is not None:
-            scores = [max(-rc.clip, min(rc.clip, s)) for s in scores]
-        return scores
-
-    def _gold_mean(self, prompts: list, samples: list) -> dict[str, float]:
-        """`reward/gold_mean`: rl.reward.rule's mean score of the answers, when every prompt has a
-        label (the reward model is the proxy; the rule, the gold standard)."""
-        from rlhf.rl.rewards import RewardError, load_rule, rule_rewards
-
-        labels = [prompts[s.prompt_index][1] for s in samples]
-        if any(label is None for label in labels):
-            return {}
-        try:
-            rule = load_rule(self.rl.reward.rule)
-            texts = [self.tok.decode(s.token_ids, skip_special_tokens=True) for s in samples]
-            questions = [prompts[s.prompt_index][2] for s in samples]
-            scores = rule_rewards(rule, questions, texts, labels)
-        except RewardError:
-            return {}
-        return {"reward/gold_mean": sum(scores) / len(scores)}
 
     def step(self, step: int) -> dict[str, float]:
         from rlhf.monitor import distinct_ngram_frac
@@ -521,14 +215,14 @@ class RLRun:
         on_policy, ref_parts, old_parts = rl.on_policy_update, [], []
         if "reference" in self.groups:  # started only when something reads its logprobs
             with phase(t, "ref"):
-                ref_parts = _wait(self.groups["reference"].call_async("logprobs", batch_ref))
+                ref_parts = wait_refs(self.groups["reference"].call_async("logprobs", batch_ref))
         if not on_policy:
             with phase(t, "logprobs"):
-                old_parts = _wait(self.groups["policy"].call_async("logprobs", batch_ref))
+                old_parts = wait_refs(self.groups["policy"].call_async("logprobs", batch_ref))
         value_parts = []
         if rl.algorithm == "ppo":
             with phase(t, "values"):
-                value_parts = _wait(self.groups["critic"].call_async("values", batch_ref))
+                value_parts = wait_refs(self.groups["critic"].call_async("values", batch_ref))
         with phase(t, "advantages"):
             adv_ref, metrics_ref = self.helper.compute.remote(
                 batch_ref,
@@ -710,30 +404,3 @@ class RLRun:
         self.monitor.load_state_dict(state["monitor"])
         self.push_weights()
         return state
-
-    # ---- evaluation ---------------------------------------------------------------------------
-
-    def evaluate(self) -> dict[str, float]:
-        """Greedy answers of the current policy (through the engines) on held-out prompts."""
-        if not self.eval_prompts:
-            return {}
-        samples = self.dispatcher.generate(
-            [p[0] for p in self.eval_prompts],
-            n=1,
-            chunk_size=32,
-            max_tokens=self.rl.rollout.max_new_tokens,
-            temperature=0.0,
-        )
-        texts = [self.tok.decode(s.token_ids, skip_special_tokens=True) for s in samples]
-        out = {"eval/num_prompts": float(len(samples))}
-        labels = [p[1] for p in self.eval_prompts]
-        if all(y is not None for y in labels):
-            from rlhf.rl.rewards import exact_match, rule_rewards
-
-            questions = [p[2] for p in self.eval_prompts]
-            hits = rule_rewards(exact_match, questions, texts, labels)
-            out["eval/exact_match"] = sum(hits) / len(hits)
-            if self.reward_rule is not None:
-                scores = rule_rewards(self.reward_rule, questions, texts, labels)
-                out["eval/reward_mean"] = sum(scores) / len(scores)
-        return out
