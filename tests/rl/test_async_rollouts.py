@@ -2,6 +2,10 @@
 step trains, stamped with the older weights' version, and corrected by truncated importance
 weights against the policy's own logprobs."""
 
+import os
+import signal
+import threading
+
 import pytest
 import ray
 from test_rl_loop import _coin, rl_config
@@ -82,4 +86,45 @@ def test_each_step_trains_on_samples_generated_while_the_previous_one_trained(
         # The engines run the newest weights after the last sync.
         assert ray.get([e.version.remote() for e in run.groups["rollout"].actors]) == [4]
     finally:
+        run.shutdown()
+
+
+@pytest.mark.timeout(900)
+def test_a_run_generating_ahead_survives_its_engine_being_killed(tmp_path, tiny_dir, ray_cluster):
+    """SIGKILL the engine while it may be generating the next step: the samples generated ahead
+    are dropped, the engine is re-created with the current weights, and every step is done."""
+    from test_rl_faults import _pid, _wait_for
+
+    from rlhf.rl.stage import _train
+    from rlhf.train.metrics import MetricsWriter
+
+    cfg = rl_config(tmp_path, *ASYNC, "rl.max_steps=5", "rl.save_interval=100")
+    run = RLRun(cfg, str(tiny_dir), None, reward_fn=lambda question, answer, label: _coin(answer))
+    writer = MetricsWriter(run.stage_dir, resume_step=-1)
+    done: dict = {}
+
+    def train():
+        try:
+            done["metrics"] = _train(run, writer, {})
+        except BaseException as exc:  # re-raised in the test thread
+            done["error"] = exc
+
+    thread = threading.Thread(target=train)
+    try:
+        engine_pid = _pid(run.groups["rollout"].actors[0])
+        thread.start()
+        _wait_for(lambda: run.steps_done >= 2 or not thread.is_alive(), 600, "step 2")
+        os.kill(engine_pid, signal.SIGKILL)
+        thread.join(timeout=600)
+        assert not thread.is_alive()
+        if "error" in done:
+            raise done["error"]
+        assert run.steps_done == 5 and run.restarts >= 1
+        assert done["metrics"]["fault/restarts"] >= 1
+        assert done["metrics"]["rollout/staleness_max"] <= 1
+        assert run.ahead.pending() == set()
+        assert _pid(run.groups["rollout"].actors[0]) != engine_pid
+    finally:
+        thread.join(timeout=600)
+        writer.close()
         run.shutdown()
