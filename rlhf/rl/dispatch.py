@@ -25,27 +25,10 @@ class RolloutDispatcher:
         self.served = [0] * len(engines)  # prompts each engine served, over the run
         self.last_compute_s = 0.0  # the busiest engine's generation seconds in the last call
 
-    def generate(
-        self,
-        prompts: list[list[int]],
-        *,
-        n: int,
-        chunk_size: int,
-        max_tokens: int,
-        temperature: float,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> list:
-        """`n` samples per prompt from whichever engines are free: len = len(prompts) * n."""
-        samples, self.last_compute_s = self.generate_timed(
-            prompts,
-            n=n,
-            chunk_size=chunk_size,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-        )
+    def generate(self, prompts: list[list[int]], **kwargs: Any) -> list:
+        """`n` samples per prompt from whichever engines are free: len = len(prompts) * n
+        (arguments: `generate_timed`'s)."""
+        samples, self.last_compute_s = self.generate_timed(prompts, **kwargs)
         return samples
 
     def generate_timed(
@@ -59,8 +42,8 @@ class RolloutDispatcher:
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> tuple[list, float]:
-        """`generate`, returning (samples, the busiest engine's generation seconds) without
-        touching `last_compute_s`: safe from a second driver thread (asynchronous rollouts)."""
+        """(`n` samples per prompt, the busiest engine's generation seconds). Leaves
+        `last_compute_s` alone: safe from a second driver thread (asynchronous rollouts)."""
         queue = deque((s, prompts[s : s + chunk_size]) for s in range(0, len(prompts), chunk_size))
         inflight = [0] * len(self.engines)
         pending: dict[ray.ObjectRef, tuple[int, int]] = {}

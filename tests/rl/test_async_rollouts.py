@@ -4,7 +4,6 @@ weights against the policy's own logprobs."""
 
 import os
 import signal
-import threading
 
 import pytest
 import ray
@@ -93,23 +92,14 @@ def test_each_step_trains_on_samples_generated_while_the_previous_one_trained(
 def test_a_run_generating_ahead_survives_its_engine_being_killed(tmp_path, tiny_dir, ray_cluster):
     """SIGKILL the engine while it may be generating the next step: the samples generated ahead
     are dropped, the engine is re-created with the current weights, and every step is done."""
-    from test_rl_faults import _pid, _wait_for
+    from test_rl_faults import _pid, _wait_for, train_in_thread
 
-    from rlhf.rl.stage import _train
     from rlhf.train.metrics import MetricsWriter
 
     cfg = rl_config(tmp_path, *ASYNC, "rl.max_steps=5", "rl.save_interval=100")
     run = RLRun(cfg, str(tiny_dir), None, reward_fn=lambda question, answer, label: _coin(answer))
     writer = MetricsWriter(run.stage_dir, resume_step=-1)
-    done: dict = {}
-
-    def train():
-        try:
-            done["metrics"] = _train(run, writer, {})
-        except BaseException as exc:  # re-raised in the test thread
-            done["error"] = exc
-
-    thread = threading.Thread(target=train)
+    thread, done = train_in_thread(run, writer)
     try:
         engine_pid = _pid(run.groups["rollout"].actors[0])
         thread.start()

@@ -54,6 +54,19 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def train_in_thread(run, writer) -> tuple[threading.Thread, dict]:
+    """The RL stage's step loop on a thread (not started): `done` gets "metrics" or "error"."""
+    done: dict = {}
+
+    def train():
+        try:
+            done["metrics"] = _train(run, writer, {})
+        except BaseException as exc:  # re-raised in the test thread
+            done["error"] = exc
+
+    return threading.Thread(target=train), done
+
+
 def _cpus_free(total: float = 2.0) -> bool:
     return ray.available_resources().get("CPU", 0.0) >= total - 1e-6
 
@@ -157,15 +170,7 @@ def test_rl_survives_killed_engine_reward_model_and_policy_rank(tmp_path, tiny_d
         "reward_model": _pid(run.groups["reward_model"].actors[0]),
         "policy": _pid(run.groups["policy"].actors[0]),
     }
-    done: dict = {}
-
-    def train():
-        try:
-            done["metrics"] = _train(run, writer, {})
-        except BaseException as exc:  # re-raised in the test thread
-            done["error"] = exc
-
-    thread = threading.Thread(target=train)
+    thread, done = train_in_thread(run, writer)
     exposed: set = set()  # listening sockets of this cluster outside loopback, while RL runs
 
     def running(step: int) -> bool:
