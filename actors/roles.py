@@ -2,7 +2,8 @@
 
 Each actor is one data-parallel rank of its role (an `ActorGroup` starts them with `RANK`,
 `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`); ranks of a role form their own torch.distributed
-group (gloo on CPU, NCCL on GPU) and train through DeepSpeed. The computing lives in
+group (gloo on CPU, NCCL on GPU) and train through DeepSpeed, or, one CPU rank in fp32, through
+rlhf/engine.py's plain-torch engine (`engine: auto`). The computing lives in
 `rlhf/rl/worker.py`; these classes only hold the model and translate calls.
 
 Every method takes the whole experience batch (an object ref resolved by Ray in the actor, never
@@ -84,11 +85,12 @@ def _engine(
         grad_accum_steps=rl.mini_batch_size // (role.micro_batch_size * world),
         grad_clip=role.grad_clip,
         dtype=eng.precision_dtype(role.precision, on_gpu),
+        backend=role.engine_backend,
     )
 
 
 class _Trained(_Rank):
-    """A role trained through DeepSpeed (policy, critic): checkpoint state and the abort on
+    """A trained role (policy, critic) and its engine: checkpoint state and the abort on
     repeated non-finite updates."""
 
     engine: Any
@@ -261,7 +263,7 @@ class PolicyActor(_Trained):
             if self.rank != 0:
                 return None
             state = merge_lora(copy.deepcopy(module)).state_dict()
-        elif live and self.engine.zero_optimization_stage() < 3:  # whole on every rank
+        elif live and not eng.zero3(self.engine):  # whole on every rank
             state = module.state_dict() if self.rank == 0 else None
         else:
             state = eng.full_state_dict(self.engine)

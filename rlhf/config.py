@@ -123,6 +123,22 @@ PROMPT_FORMAT_DOC = (
 COLUMNS_DOC = "Format field -> the field's name in the data, e.g. {prompt: question}."
 
 
+def resolve_engine(
+    engine: str, ranks: int, gpu: bool, precision: str, unit: str, got: str
+) -> Literal["deepspeed", "torch"]:
+    """A training engine setting resolved: torch (rlhf/engine.py's `TorchEngine`) fits one CPU
+    rank in fp32; auto takes it there and DeepSpeed elsewhere; engine='torch' anywhere else is a
+    ValueError quoting `got` (the settings, as the config names them)."""
+    fits = ranks == 1 and not gpu and precision in ("auto", "fp32")
+    if engine == "torch" and not fits:
+        raise ValueError(
+            f"engine='torch' trains one CPU {unit} in fp32 (got {got}); use engine='deepspeed'"
+        )
+    if engine == "auto":
+        return "torch" if fits else "deepspeed"
+    return engine  # type: ignore[return-value]
+
+
 class TrainStageConfig(Section):
     """Settings shared by every Ray Train stage."""
 
@@ -140,6 +156,11 @@ class TrainStageConfig(Section):
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); else CPU and gloo.")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    engine: Literal["auto", "deepspeed", "torch"] = Field(
+        "auto",
+        description="Training engine: torch (plain AdamW, no DeepSpeed; one CPU worker, fp32), "
+        "deepspeed, or auto (torch for one CPU worker in fp32, else deepspeed).",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU.")
     micro_batch_size: int = Field(8, ge=1, description="Samples per worker per forward pass.")
     global_batch_size: int = Field(32, ge=1, description="Samples per optimizer step, all workers.")
@@ -201,6 +222,7 @@ class TrainStageConfig(Section):
             raise ValueError(
                 f"warmup_steps={self.warmup_steps} must be smaller than max_steps={self.max_steps}"
             )
+        self.engine_backend  # noqa: B018 - validates engine='torch'
         if self.select == "best" and not self.has_heldout:
             raise ValueError(
                 "select='best' picks the checkpoint with the lowest held-out loss, but eval_files "
@@ -211,6 +233,16 @@ class TrainStageConfig(Section):
     @property
     def grad_accum_steps(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+    @property
+    def engine_backend(self) -> Literal["deepspeed", "torch"]:
+        """The engine `engine` resolves to (auto: torch where it fits)."""
+        got = (
+            f"num_workers={self.num_workers}, use_gpu={self.use_gpu}, precision={self.precision!r}"
+        )
+        return resolve_engine(
+            self.engine, self.num_workers, self.use_gpu, self.precision, "worker", got
+        )
 
 
 class PretrainConfig(TrainStageConfig):
@@ -307,6 +339,26 @@ class TrainRoleConfig(RoleConfig):
     betas: list[float] = Field([0.9, 0.95], min_length=2, max_length=2, description="AdamW betas.")
     grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    engine: Literal["auto", "deepspeed", "torch"] = Field(
+        "auto",
+        description="Training engine: torch (plain AdamW, no DeepSpeed; one CPU actor, fp32), "
+        "deepspeed, or auto (torch for one CPU actor in fp32, else deepspeed).",
+    )
+
+    @model_validator(mode="after")
+    def _engine_fits(self) -> TrainRoleConfig:
+        self.engine_backend  # noqa: B018 - validates engine='torch'
+        return self
+
+    @property
+    def engine_backend(self) -> Literal["deepspeed", "torch"]:
+        """The engine `engine` resolves to (auto: torch where it fits)."""
+        got = (
+            f"num_actors={self.num_actors}, gpus_per_actor={self.gpus_per_actor}, "
+            f"precision={self.precision!r}"
+        )
+        gpu = self.gpus_per_actor > 0
+        return resolve_engine(self.engine, self.num_actors, gpu, self.precision, "actor", got)
 
 
 class RolloutConfig(Section):

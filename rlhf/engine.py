@@ -9,16 +9,22 @@ Everything DeepSpeed-specific lives here so the rest of the training code reads 
 On CPU DeepSpeed runs with gloo (the process group Ray Train already created) and fp32; on GPU with
 NCCL and bf16. The optimizer (AdamW) and the warmup+cosine schedule are plain torch objects handed
 to DeepSpeed, so their state travels in its checkpoint.
+
+One CPU rank needs none of DeepSpeed: `init_engine(..., backend="torch")` returns a `TorchEngine`,
+the same AdamW, schedule, gradient clipping and accumulation behind the same calls (`backward`,
+`step`, `get_lr`, `module`, `optimizer`), and its own checkpoint (weights as safetensors,
+optimizer and schedule state as tensors). DeepSpeed is imported only when a DeepSpeed engine is
+built (its import and `deepspeed.initialize` cost seconds of a stage's start-up).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import deepspeed
 import torch
 
 
@@ -75,8 +81,10 @@ def init_engine(
     grad_accum_steps: int,
     grad_clip: float,
     dtype: torch.dtype,
+    backend: Literal["deepspeed", "torch"] = "deepspeed",
 ) -> Any:
-    """Wrap `model` in a DeepSpeed engine with AdamW and a warmup+cosine schedule."""
+    """Wrap `model` in an engine with AdamW and a warmup+cosine schedule: DeepSpeed's, or with
+    `backend="torch"` a `TorchEngine` (one CPU rank, fp32; `zero_stage` does not apply)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = GuardedAdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -85,6 +93,12 @@ def init_engine(
             step, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr_ratio
         ),
     )
+    if backend == "torch":
+        if dtype != torch.float32:
+            raise ValueError(f"the torch engine trains in fp32, not {dtype}")
+        return TorchEngine(model, optimizer, scheduler, grad_accum_steps, grad_clip)
+    import deepspeed
+
     config = ds_config(
         zero_stage=zero_stage,
         micro_batch_size=micro_batch_size,
@@ -111,6 +125,8 @@ def init_frozen(
     model.eval()
     if zero_stage != 3:
         return model
+    import deepspeed
+
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "zero_optimization": {"stage": 3},
@@ -127,16 +143,24 @@ def gathered_parameter(param: torch.nn.Parameter) -> Any:
     from contextlib import nullcontext
 
     if hasattr(param, "ds_id"):
+        import deepspeed
+
         return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
     return nullcontext()
 
 
 def save_engine_state(engine: Any, path: str | Path) -> None:
     """Optimizer, scheduler and (partitioned) weights of this rank; every rank must call it."""
+    if isinstance(engine, TorchEngine):
+        engine.save_state(Path(path))
+        return
     engine.save_checkpoint(str(path), tag="state", save_latest=False)
 
 
 def load_engine_state(engine: Any, path: str | Path) -> None:
+    if isinstance(engine, TorchEngine):
+        engine.load_state(Path(path))
+        return
     load_path, _ = engine.load_checkpoint(
         str(path), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
     )
@@ -146,12 +170,19 @@ def load_engine_state(engine: Any, path: str | Path) -> None:
 
 def full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
     """Full (gathered) weights on rank 0, None elsewhere. Every rank must call it (ZeRO-3)."""
+    if isinstance(engine, TorchEngine):
+        return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
     if engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict()
         return state if int(os.environ.get("RANK", engine.global_rank)) == 0 else None
     if engine.global_rank != 0:
         return None
     return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+def zero3(engine: Any) -> bool:
+    """Whether the engine partitions the weights over the ranks (DeepSpeed ZeRO-3)."""
+    return not isinstance(engine, TorchEngine) and engine.zero_optimization_stage() == 3
 
 
 def global_grad_norm(engine: Any) -> float:
@@ -183,7 +214,11 @@ class GuardedAdamW(torch.optim.AdamW):
             for p in group["params"]:
                 if p.grad is not None and not torch.isfinite(p.grad).all():
                     bad.fill_(1.0)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
             device = self.param_groups[0]["params"][0].device
             bad = bad.to(device)
             torch.distributed.all_reduce(bad)
@@ -192,3 +227,80 @@ class GuardedAdamW(torch.optim.AdamW):
             self.skipped_steps += 1
             return None
         return super().step(closure)
+
+
+class TorchEngine:
+    """One CPU rank's training engine without DeepSpeed, doing what a DeepSpeed engine does with
+    one rank in fp32: `backward` divides the loss by the accumulation steps; `step` after every
+    micro-batch, and at each accumulation boundary clips the global gradient norm to `grad_clip`,
+    steps the optimizer, clears the gradients and steps the schedule (also on a step the guard
+    skipped, as DeepSpeed does).
+
+    Checkpoint (`save_state` / `load_state`, a folder): `model.safetensors` (the module's whole
+    state dict), `optimizer.pt` (optimizer and schedule state: tensors and numbers only, loaded
+    with `weights_only=True`), `engine.json` (counters).
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        optimizer: GuardedAdamW,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+        grad_accum_steps: int,
+        grad_clip: float,
+    ) -> None:
+        self.module, self.optimizer, self.lr_scheduler = module, optimizer, lr_scheduler
+        self.grad_accum_steps, self.grad_clip = grad_accum_steps, grad_clip
+        self.micro_steps = self.global_steps = 0
+        self._global_grad_norm: float | None = None
+        self._params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def backward(self, loss: torch.Tensor) -> torch.Tensor:
+        loss = loss / self.grad_accum_steps
+        loss.backward()
+        return loss
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.grad_accum_steps:
+            return
+        norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
+        self._global_grad_norm = float(norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        self.global_steps += 1
+
+    def get_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_global_grad_norm(self) -> float | None:
+        return self._global_grad_norm
+
+    def save_state(self, path: Path) -> None:
+        from safetensors.torch import save_model
+
+        path.mkdir(parents=True, exist_ok=True)
+        save_model(self.module, str(path / "model.safetensors"))
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.lr_scheduler.state_dict(),
+        }
+        torch.save(state, path / "optimizer.pt")
+        counters = {"micro_steps": self.micro_steps, "global_steps": self.global_steps}
+        (path / "engine.json").write_text(json.dumps(counters))
+
+    def load_state(self, path: Path) -> None:
+        from safetensors.torch import load_model
+
+        if not (path / "engine.json").is_file():
+            raise RuntimeError(
+                f"no torch-engine state under {path} (a DeepSpeed checkpoint? resume it with the "
+                "engine that wrote it)"
+            )
+        load_model(self.module, str(path / "model.safetensors"), strict=True)
+        state = torch.load(path / "optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["scheduler"])
+        counters = json.loads((path / "engine.json").read_text())
+        self.micro_steps, self.global_steps = counters["micro_steps"], counters["global_steps"]

@@ -8,11 +8,12 @@ and a rank's checkpoint part.
     state = load_part(engine, root)
 
 Loss normalisation: `loss_fn` returns a micro-batch's loss already divided by its whole
-mini-batch's (global) token or sequence count; DeepSpeed averages gradients over ranks and divides
-by the accumulation steps, and `backward_step` undoes both (`* world * gas`), so 1 and N ranks
-compute the same gradient for the same mini-batch. Non-finite: a loss that is not finite on any
-rank (all ranks agree) becomes a zero that keeps DeepSpeed's bookkeeping, and the optimizer skips
-the step (`GuardedAdamW.force_skip`); `nonfinite_streak` aborts after too many in a row.
+mini-batch's (global) token or sequence count; the engine (DeepSpeed, or rlhf/engine.py's
+`TorchEngine` for one CPU rank) averages gradients over ranks and divides by the accumulation
+steps, and `backward_step` undoes both (`* world * gas`), so 1 and N ranks compute the same
+gradient for the same mini-batch. Non-finite: a loss that is not finite on any rank (all ranks
+agree) becomes a zero that keeps the engine's bookkeeping, and the optimizer skips the step
+(`GuardedAdamW.force_skip`); `nonfinite_streak` aborts after too many in a row.
 """
 
 from __future__ import annotations
@@ -42,18 +43,19 @@ def optimizer_of(engine: Any) -> eng.GuardedAdamW:
 
 
 def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
-    """Sum each value over the ranks (a no-op without a process group)."""
-    if not values:
-        return {}
+    """Sum each value over the ranks (a no-op without a process group or with one rank)."""
+    if not values or not (
+        dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    ):
+        return {k: float(v) for k, v in values.items()}
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
+    dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
 
 
 def backward_step(engine: Any, loss: torch.Tensor, world: int, gas: int) -> tuple[Any, bool]:
-    """One micro-batch's backward and DeepSpeed step; returns (the loss used, whether it was
+    """One micro-batch's backward and engine step; returns (the loss used, whether it was
     non-finite on any rank)."""
     bad = all_reduce_sum({"bad": float(not torch.isfinite(loss).item())})["bad"] > 0
     if bad:
@@ -117,7 +119,7 @@ def save_part(
     fingerprint: str,
     rank0_files: Callable[[Path], None] | None = None,
 ) -> None:
-    """This rank's part of a checkpoint under `root`: its DeepSpeed state (model, optimizer,
+    """This rank's part of a checkpoint under `root`: its engine state (model, optimizer,
     scheduler); rank 0 adds `state` as JSON (and whatever `rank0_files(root)` writes); then every
     rank hashes what is under `root` into its own manifest. Every rank must call it. `root` may be
     private to the rank (Ray Train) or shared by the ranks (RL): either way the manifests appear
@@ -134,6 +136,6 @@ def save_part(
 
 
 def load_part(engine: Any, root: Path) -> dict:
-    """Restore this rank's DeepSpeed state from a checkpoint part; return the saved state."""
+    """Restore this rank's engine state from a checkpoint part; return the saved state."""
     eng.load_engine_state(engine, root / "engine")
     return json.loads((root / STATE_FILE).read_text())

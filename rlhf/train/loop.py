@@ -2,10 +2,12 @@
 
 Runs inside each `TorchTrainer` worker. A stage plugs in through a `StageTask` (rlhf/train/tasks.py):
 how to load its data, build its model, compute its loss and evaluation sums, and export weights.
-The loop owns everything else: the data order, gradient accumulation, DeepSpeed, evaluation,
-non-finite guards, metrics, and checkpoints that resume exactly. Held-out losses are kept in the
-trainer state: rising `overfit_patience` evaluations in a row warns (a `monitor` event), and with
-`select=best` every evaluation is a checkpoint whose loss picks the exported model.
+The loop owns everything else: the data order, gradient accumulation, the engine (DeepSpeed, or
+plain torch for one CPU worker: `<stage>.engine`), evaluation, non-finite guards, metrics, a
+`startup` event (where the worker's start-up seconds went), and checkpoints that resume exactly.
+Held-out losses are kept in the trainer state: rising `overfit_patience` evaluations in a row
+warns (a `monitor` event), and with `select=best` every evaluation is a checkpoint whose loss picks
+the exported model.
 
 Data order: the sample at stream position p is `perm(seed + p // N)[p % N]`, so step s reads
 positions [s*G, (s+1)*G) whatever the number of workers. Each rank takes every world-th micro-batch
@@ -133,6 +135,7 @@ def train_stage(loop_config: dict) -> None:
     """Entry point of a Ray Train worker: `loop_config` holds the config, stage and paths."""
     import ray.train
 
+    t_enter = time.time()
     cfg = Config.model_validate(loop_config["config"])
     stage, init_dir, resume_dir = (
         loop_config["stage"],
@@ -150,8 +153,11 @@ def train_stage(loop_config: dict) -> None:
     task = TASKS[stage](cfg)
     torch.manual_seed(cfg.run.seed)
 
+    marks = [time.time()]
     data = StageData.load(Path(loop_config["stage_dir"]) / "data")
+    marks.append(time.time())
     model = task.build_model(cfg, init_dir)
+    marks.append(time.time())
     dtype = eng.precision_dtype(scfg.precision, scfg.use_gpu)
     engine = eng.init_engine(
         model,
@@ -166,11 +172,14 @@ def train_stage(loop_config: dict) -> None:
         grad_accum_steps=scfg.grad_accum_steps,
         grad_clip=scfg.grad_clip,
         dtype=dtype,
+        backend=scfg.engine_backend,
     )
+    marks.append(time.time())
     state = {"step": 0, "skipped_steps": 0, "nonfinite_streak": 0}
     if resume_dir:
         state = load_part(engine, Path(resume_dir))
         torch.manual_seed(cfg.run.seed + state["step"])
+    marks.append(time.time())
 
     # Lines logged after the resumed step are dropped: those steps run again.
     writer = MetricsWriter(
@@ -180,8 +189,30 @@ def train_stage(loop_config: dict) -> None:
     )
     if rank == 0 and not resume_dir:
         writer.log_event("data", data.report)
+    if rank == 0:
+        launched = None if restarted is not None else loop_config.get("launched_at")
+        resumed = state["step"] if resume_dir else None
+        writer.log_event("startup", _startup(launched, t_enter, marks, scfg, resumed))
     _run_steps(task, engine, data, cfg, stage, state, rank, world, writer, init_dir)
     writer.close()
+
+
+def _startup(
+    launched: float | None, entered: float, marks: list[float], scfg: Any, resumed: int | None
+) -> dict:
+    """Where this worker's start-up went, in seconds: Ray Train's worker-group start (from the
+    driver's `fit()` to this function; None after Ray Train re-created the group), then loading
+    the data, building the model, building the engine and restoring a checkpoint. The first
+    step's own time is its `timing/step`. `resumed_step`: the checkpoint's step, or None."""
+    names = ("setup_s", "data_s", "model_s", "engine_s", "resume_s")
+    spans = [b - a for a, b in zip([entered, *marks], marks)]
+    return {
+        "engine": scfg.engine_backend,
+        "workers": scfg.num_workers,
+        "resumed_step": resumed,
+        "launch_s": None if launched is None else round(entered - launched, 3),
+        **{k: round(v, 3) for k, v in zip(names, spans)},
+    }
 
 
 def _train_step(
