@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from typing import Any
 
 # Read by ray._private.ray_constants at import time; `_loopback_only` also covers a late import.
 SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -207,6 +208,9 @@ def _loopback_interface() -> str | None:
     return None
 
 
+RENDEZVOUS = "torch.distributed.rendezvous"
+
+
 def bind_stores_to_loopback() -> None:
     """Worker start-up hook: rank 0's TCPStore listens on a loopback MASTER_ADDR only; gloo binds
     the loopback interface.
@@ -214,18 +218,57 @@ def bind_stores_to_loopback() -> None:
     torch's `init_process_group` (env:// and tcp://) creates its store in
     `rendezvous._create_c10d_store`, whose master binds the wildcard; here the master gets a socket
     already bound to MASTER_ADDR (`master_listen_fd`). Other addresses are left as they were.
+
+    The patch waits for torch.distributed's first import (`_AfterImport`): most processes of a
+    job (Ray Train's controller and helpers, the driver's helpers) never form a process group,
+    and importing torch in each cost a stage ~3 s of start-up (2026-12-02).
     """
+    import sys
+
+    iface = _loopback_interface()
+    if iface:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
+    if RENDEZVOUS in sys.modules:
+        _patch_rendezvous()
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(RENDEZVOUS, _patch_rendezvous))
+
+
+class _AfterImport:
+    """A `sys.meta_path` finder that runs `then()` right after module `name` first executes
+    (it finds the module with the other finders, then wraps its loader's `exec_module`)."""
+
+    def __init__(self, name: str, then: Any) -> None:
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        import importlib.util
+        import sys
+
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            execute(module)
+            self.then()
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def _patch_rendezvous() -> None:
     import importlib
     import socket
 
     from torch.distributed import TCPStore
 
     # By module path: `torch.distributed.rendezvous` the attribute is a function of that name.
-    rendezvous = importlib.import_module("torch.distributed.rendezvous")
-
-    iface = _loopback_interface()
-    if iface:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
+    rendezvous = importlib.import_module(RENDEZVOUS)
     create = rendezvous._create_c10d_store
     if getattr(create, "loopback", False):
         return

@@ -97,8 +97,11 @@ def test_embedded_ray_with_dashboard_serves_the_state_api_on_loopback_only():
 
 _PROCESS_GROUP_PROBE = """
 import json, os, socket, sys
-import torch.distributed as dist
 from rlhf.runtime import bind_stores_to_loopback, listening_sockets
+if sys.argv[1] == "hook-first":  # as in a Ray worker: before anything imports torch
+    bind_stores_to_loopback()
+    assert "torch" not in sys.modules
+import torch.distributed as dist
 if sys.argv[1] == "hook":
     bind_stores_to_loopback()
 with socket.socket() as s:
@@ -126,9 +129,10 @@ def test_the_worker_hook_makes_a_process_groups_store_listen_on_its_loopback_add
     Ray workers run at start, it listens on the loopback MASTER_ADDR only."""
     plain = _process_group_sockets("plain")
     assert [s for s in plain["sockets"] if not is_loopback(s[2])], plain  # what the hook fixes
-    hooked = _process_group_sockets("hook")
-    assert hooked["sockets"] and hooked["gloo"]  # the store listens; gloo is on loopback
-    assert [s for s in hooked["sockets"] if not is_loopback(s[2])] == [], hooked
+    for mode in ("hook", "hook-first"):  # torch.distributed imported before / after the hook
+        hooked = _process_group_sockets(mode)
+        assert hooked["sockets"] and hooked["gloo"]  # the store listens; gloo is on loopback
+        assert [s for s in hooked["sockets"] if not is_loopback(s[2])] == [], (mode, hooked)
 
 
 @pytest.mark.ray
