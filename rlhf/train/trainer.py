@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from rlhf.config import Config
 from rlhf.train.checkpoint import (
@@ -77,6 +78,7 @@ def run_stage(cfg: Config, stage: str, init_dir: str) -> dict:
         print(f"== {stage}: already done ({done}); skipping", flush=True)
         return json.loads(done.read_text())
     scfg = getattr(cfg, stage)
+    check_resources(scfg, stage)
     t0 = time.time()
     report = prepare_stage_data(cfg, stage, init_dir, stage_dir)
     resume = newest_valid_checkpoint(sorted((storage / stage).glob("checkpoint_*")))
@@ -140,6 +142,27 @@ def run_stage(cfg: Config, stage: str, init_dir: str) -> dict:
     tmp.write_text(json.dumps(summary, indent=1))
     tmp.rename(done)
     return summary
+
+
+def check_resources(scfg: Any, stage: str) -> None:
+    """StageFailedError when the cluster's free CPUs (GPUs) cannot hold the stage's workers now:
+    Ray Train would wait for them without end (e.g. a Serve replica on the same machine holds
+    some). The RL stage checks its actors the same way (`actors.group.validate_resources`)."""
+    import ray
+
+    free = ray.available_resources()
+    need = {"CPU": scfg.num_workers * scfg.cpus_per_worker}
+    if scfg.use_gpu:
+        need["GPU"] = float(scfg.num_workers)
+    for kind, amount in need.items():
+        have = free.get(kind, 0.0)
+        if amount > have + 1e-9:
+            raise StageFailedError(
+                f"{stage}: {stage}.num_workers = {scfg.num_workers} workers need {amount:g} {kind} "
+                f"({stage}.cpus_per_worker = {scfg.cpus_per_worker}{' and a GPU' if kind == 'GPU' else ''} "
+                f"each) but the cluster has {have:g} free of {ray.cluster_resources().get(kind, 0.0):g}: "
+                f"lower {stage}.num_workers or {stage}.cpus_per_worker, or free the rest"
+            )
 
 
 @contextmanager

@@ -159,6 +159,22 @@ def test_a_non_finite_run_aborts_with_a_clear_error(tmp_path, base_model):
         run_stage(cfg, "sft", base_model)
 
 
+def test_more_workers_than_the_cluster_can_hold_is_refused_before_anything_starts(
+    tmp_path, base_model
+):
+    """Ray Train would wait for the missing CPUs without end; the stage says what is missing."""
+    from rlhf.train.trainer import StageFailedError
+
+    cfg = small_config(tmp_path, "sft", "sft.num_workers=2", "sft.cpus_per_worker=2")
+    with pytest.raises(
+        StageFailedError,
+        match=r"sft.num_workers = 2 workers need 4 CPU \(sft.cpus_per_worker = 2 each\) but the "
+        r"cluster has [\d.]+ free of 2",
+    ):
+        run_stage(cfg, "sft", base_model)
+    assert not (tmp_path / "t" / "sft").exists()  # nothing prepared, nothing to clean up
+
+
 def test_rerunning_after_a_kill_resumes_and_matches_an_uninterrupted_run(tmp_path, base_model):
     args = [f"sft.init_from={base_model}", "sft.max_steps=6", "sft.save_interval=2"]
     # Uninterrupted reference run, in this process's Ray cluster.
