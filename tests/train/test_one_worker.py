@@ -9,18 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_stages import REPO, TINY
 
 from rlhf.config import ConfigError, load_config
 from rlhf.train.trainer import checkpoint_score, run_stage
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = [
-    "model.tiny.hidden_size=64",
-    "model.tiny.num_layers=2",
-    "model.tiny.num_heads=2",
-    "model.tiny.num_kv_heads=2",
-    "model.tiny.intermediate_size=64",
-]
 
 
 def one_worker_config(tmp_path, *extra):
