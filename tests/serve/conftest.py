@@ -11,13 +11,13 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from actors.group import free_port
 from rlhf.models.factory import ensure_tiny_model
 
 # Head size 32 (64 / 2): the smallest vLLM's CPU attention accepts.
@@ -34,12 +34,6 @@ TINY = dict(
 @pytest.fixture(scope="session")
 def tiny_policy(tmp_path_factory) -> Path:
     return ensure_tiny_model(tmp_path_factory.mktemp("serve_models") / "tiny", seed=0, **TINY)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pg_bin() -> Path:

@@ -10,6 +10,7 @@ import psutil
 import pytest
 import requests
 
+from actors.group import free_port
 from rlhf.config import DataFile, RewardModelConfig, load_config
 from rlhf.data.stages import prepare_preferences
 from rlhf.serve.db import FeedbackStore, default_url
@@ -19,12 +20,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CHAT = {"messages": [{"role": "user", "content": "12+34="}], "max_tokens": 8}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def overrides(tmp, database_url=None):

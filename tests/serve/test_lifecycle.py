@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from actors.group import free_port
 from rlhf.serve.deploy import gate
 
 pytestmark = [
@@ -177,14 +178,6 @@ def test_deploy_without_a_served_app_is_a_clear_error(tmp_path, tiny_policy):
     assert out.returncode == 2
     assert "deployment.json: no deployment recorded for this run" in out.stderr
     assert "Traceback" not in out.stderr
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def chat(base: str, content: str, **extra) -> dict:
