@@ -98,7 +98,7 @@ def _watch(run: RLRun, writer: Any, metrics: dict[str, float], before: dict) -> 
 def _train(run: RLRun, writer: Any, before: dict) -> dict[str, float]:
     """Steps from `run.steps_done` to rl.max_steps: evaluate, log, checkpoint every
     rl.save_interval steps; a dead actor is recovered and the step retried."""
-    from rlhf.rl.faults import recover, recoverable
+    from rlhf.rl.faults import recoverable
 
     rl = run.rl
     metrics: dict[str, float] = {}
@@ -113,10 +113,7 @@ def _train(run: RLRun, writer: Any, before: dict) -> dict[str, float]:
             if (step + 1) % rl.eval_interval == 0 or last:
                 metrics.update(run.evaluate())
         except recoverable() as exc:
-            attempts += 1
-            restored = recover(run, exc, snapshot, attempts)
-            if restored is not None:  # a trained role: back to its newest checkpoint
-                writer.rewind(restored)
+            attempts = _recover(run, writer, exc, snapshot, attempts)
             continue
         attempts = 0
         run.steps_done = step + 1
@@ -131,11 +128,19 @@ def _train(run: RLRun, writer: Any, before: dict) -> dict[str, float]:
             try:
                 path, save_s = run.save_checkpoint({"before": before})
             except recoverable() as exc:  # a trained rank died while saving: nothing committed
-                attempts += 1
                 after = (run.prompt_cursor, run.version, run.kl.value)
-                restored = recover(run, exc, after, attempts)
-                if restored is not None:
-                    writer.rewind(restored)
+                attempts = _recover(run, writer, exc, after, attempts)
                 continue
             print(f"== rl: checkpoint {path.name} in {save_s:.2f}s", flush=True)
     return metrics
+
+
+def _recover(run: RLRun, writer: Any, exc: BaseException, snapshot: tuple, attempts: int) -> int:
+    """Recover from a dead actor (rlhf/rl/faults.py); a trained role goes back to its newest
+    checkpoint and the metrics log with it. Returns the failed attempts so far."""
+    from rlhf.rl.faults import recover
+
+    restored = recover(run, exc, snapshot, attempts + 1)
+    if restored is not None:
+        writer.rewind(restored)
+    return attempts + 1
