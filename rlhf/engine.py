@@ -170,9 +170,7 @@ def load_engine_state(engine: Any, path: str | Path) -> None:
 
 def full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
     """Full (gathered) weights on rank 0, None elsewhere. Every rank must call it (ZeRO-3)."""
-    if isinstance(engine, TorchEngine):
-        return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
-    if engine.zero_optimization_stage() == 3:
+    if zero3(engine):
         state = engine._zero3_consolidated_16bit_state_dict()
         return state if int(os.environ.get("RANK", engine.global_rank)) == 0 else None
     if engine.global_rank != 0:
@@ -240,6 +238,8 @@ class TorchEngine:
     state dict), `optimizer.pt` (optimizer and schedule state: tensors and numbers only, loaded
     with `weights_only=True`), `engine.json` (counters).
     """
+
+    global_rank = 0  # always the only rank
 
     def __init__(
         self,
