@@ -36,8 +36,10 @@ class _Rank:
             # time), so whoever computes gets every core. Set once: nothing else in this process
             # changes it, and it holds for every phase method.
             from actors.group import bundle_threads
+            from rlhf.process_tuning import retain_freed_memory
 
             torch.set_num_threads(bundle_threads(role.cpus_per_actor))
+            retain_freed_memory()
         if not dist.is_initialized():
             address = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
             dist.init_process_group(
@@ -46,6 +48,10 @@ class _Rank:
                 rank=self.rank,
                 world_size=self.world,
             )
+            if self.world == 1 and not self.on_gpu:  # a group of one: its loop never carries
+                from rlhf.process_tuning import idle_gloo_loops
+
+                idle_gloo_loops()
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
             if self.on_gpu

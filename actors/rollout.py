@@ -272,8 +272,10 @@ class RolloutActor:
         on_gpu = rc.gpus_per_engine > 0 and torch.cuda.is_available()
         if not on_gpu:  # the whole bundle (colocated roles take turns on it); see the docstring
             from actors.group import bundle_threads
+            from rlhf.process_tuning import retain_freed_memory
 
             torch.set_num_threads(bundle_threads(rc.cpus_per_engine))
+            retain_freed_memory()
         self.engine = RolloutEngine(
             model_path,
             max_model_len=cfg.rl.max_prompt_length + rc.max_new_tokens,
@@ -285,6 +287,10 @@ class RolloutActor:
             tensor_parallel_size=rc.tensor_parallel_size,
             enable_sleep_mode=on_gpu and cfg.rl.engines_sleep,
         )
+        if rc.tensor_parallel_size == 1:  # vLLM's groups here have this one member
+            from rlhf.process_tuning import idle_gloo_loops
+
+            idle_gloo_loops()
         self.index = engine_index
 
     def sleep(self) -> bool:

@@ -1,6 +1,8 @@
 """Time-sharing of colocated roles: bundle sizes from the config, and an RL run with every role on
 one bundle whose actors each compute with all of its cores (real Ray, vLLM and DeepSpeed)."""
 
+import os
+
 import pytest
 import ray
 import torch
@@ -55,6 +57,17 @@ def _threads(actor) -> int:
     return ray.get(actor.__ray_call__.remote(lambda self: torch.get_num_threads()))
 
 
+def _gloo_loop_policies(actor) -> list[int]:
+    """The scheduling policy of each of the actor's gloo loop threads."""
+
+    def policies(self):
+        from rlhf.process_tuning import GLOO_LOOP_THREAD, threads_named
+
+        return [os.sched_getscheduler(tid) for tid in threads_named(GLOO_LOOP_THREAD)]
+
+    return ray.get(actor.__ray_call__.remote(policies))
+
+
 def _policy_weights(run) -> dict:
     policy = run.groups["policy"].actors[0]
     return ray.get(
@@ -87,6 +100,9 @@ def test_every_role_on_one_bundle_computes_with_all_its_cores_and_learns(
         # role still runs as many threads as the bundle has CPUs; vLLM kept them in its actor.
         for role in ("policy", "reference", "critic", "rollout"):
             assert _threads(groups[role].actors[0]) == 2, role
+            # Every torch.distributed group here has one member: loop wake-ups wait for idle
+            # cores instead of preempting the phase that computes.
+            assert set(_gloo_loop_policies(groups[role].actors[0])) == {os.SCHED_IDLE}, role
         for m in metrics:
             assert torch.isfinite(
                 torch.tensor([m["critic/value_loss"], m["ppo/clipfrac"], m["policy/entropy"]])
