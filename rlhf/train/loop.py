@@ -92,7 +92,7 @@ def evaluate(
         return {}
     model.eval()
     sums: dict[str, float] = {}
-    ids = list(range(rank, len(eval_ds), world))
+    ids = sorted(range(rank, len(eval_ds), world), key=lambda j: task.length(eval_ds[j]))
     with torch.no_grad():
         for i in range(0, len(ids), batch_size):
             batch = task.collate([eval_ds[j] for j in ids[i : i + batch_size]])
@@ -226,7 +226,9 @@ def _train_step(
     ids = stream_indices(
         step * scfg.global_batch_size, scfg.global_batch_size, len(data.train), seed
     )
-    rows = [data.train[i] for i in ids]
+    # Rows of similar length share a micro-batch (`collate` pads each to its longest row); the
+    # global batch's loss and gradient do not depend on how its rows are split.
+    rows = sorted((data.train[i] for i in ids), key=task.length)
     norm = max(1, task.loss_weight(rows))
     micro = (
         task.collate(rows[(k * world + rank) * mb : (k * world + rank + 1) * mb])

@@ -28,6 +28,7 @@ class StageTask:
     prepare_data: Callable[[Config, str], tuple[Any, Any, dict]]  # driver: (train, eval, report)
     build_model: Callable[[Config, str], torch.nn.Module]
     collate: Callable[[list[dict]], dict[str, torch.Tensor]]
+    length: Callable[[dict], int]  # the width `collate` pads a row's batch to, at least
     loss_weight: Callable[[list[dict]], int]  # the normaliser of a global batch
     loss: Callable[[torch.nn.Module, dict, int], tuple[torch.Tensor, dict[str, float]]]
     eval_sums: Callable[[torch.nn.Module, dict], dict[str, float]]
@@ -50,6 +51,10 @@ def _lm_collate(rows: list[dict]) -> dict[str, torch.Tensor]:
     labels = _pad([r.get("labels", r["input_ids"]) for r in rows], -100)
     attention_mask = _pad([[1] * len(r["input_ids"]) for r in rows], 0)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def _lm_length(row: dict) -> int:
+    return len(row["input_ids"])
 
 
 def _lm_weight(rows: list[dict]) -> int:
@@ -140,6 +145,10 @@ def _pair_collate(rows: list[dict]) -> dict[str, torch.Tensor]:
         "labels": _pad(labels, -100),
         "attention_mask": _pad([[1] * len(s) for s in seqs], 0),
     }
+
+
+def _pair_length(row: dict) -> int:
+    return max(len(row["chosen_input_ids"]), len(row["rejected_input_ids"]))
 
 
 def _rewards(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,6 +350,7 @@ def _dpo_eval_fn(dcfg: Any):
 
 _LM = dict(
     collate=_lm_collate,
+    length=_lm_length,
     loss_weight=_lm_weight,
     loss=_lm_loss,
     eval_sums=_lm_eval,
@@ -351,6 +361,7 @@ _LM = dict(
 )
 _PAIRS = dict(
     collate=_pair_collate,
+    length=_pair_length,
     loss_weight=len,
     eval_keys=("pairs", "correct", "nll", "margin"),
     finish_eval=_pair_finish_eval,
