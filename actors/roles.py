@@ -48,7 +48,7 @@ class _Rank:
                 rank=self.rank,
                 world_size=self.world,
             )
-            if self.world == 1 and not self.on_gpu:  # a group of one: its loop never carries
+            if self.world == 1 and not self.on_gpu:  # one member: its loop threads carry nothing
                 from rlhf.process_tuning import idle_gloo_loops
 
                 idle_gloo_loops()
