@@ -5,13 +5,13 @@ import dataclasses
 from types import SimpleNamespace
 
 import torch
+from test_torch_engine import SETTINGS, SIZE
 
 from rlhf import engine as eng
 from rlhf.models.factory import build_tiny_model
 from rlhf.train.loop import _train_step, stream_indices
 from rlhf.train.tasks import TASKS
 
-SIZE = dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=64)
 GLOBAL = 16
 
 
@@ -40,17 +40,7 @@ def _step(rows: list[dict], micro: int, widths: list[int]) -> dict[str, torch.Te
     model = build_tiny_model(seed=0, **SIZE)
     engine = eng.init_engine(
         model,
-        lr=1e-2,
-        betas=(0.9, 0.95),
-        weight_decay=0.0,
-        warmup_steps=0,
-        max_steps=10,
-        min_lr_ratio=1.0,
-        zero_stage=0,
-        micro_batch_size=micro,
-        grad_accum_steps=GLOBAL // micro,
-        grad_clip=1.0,
-        dtype=torch.float32,
+        **{**SETTINGS, "micro_batch_size": micro, "grad_accum_steps": GLOBAL // micro},
         backend="torch",
     )
     scfg = SimpleNamespace(
