@@ -17,16 +17,13 @@ forced to the full length (`ignore_eos`) so both engines produce the same number
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import os
 import pickle
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -266,71 +263,6 @@ def bench_dpo_ref(root: Path, name: str, repeat: int):
     }
 
 
-# ---- RL step breakdown ------------------------------------------------------------------------------
-
-
-def rl_step_report(metrics_file: Path) -> dict:
-    """Mean phase seconds of an RL run's steps and the share outside model compute."""
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    # The pipeline's file prefixes every key with the stage ("rl/timing/step").
-    rows = [{k.removeprefix("rl/"): v for k, v in r.items()} for r in rows]
-    steps = [r for r in rows if "timing/step" in r]
-    if not steps:
-        raise SystemExit(f"{metrics_file}: no RL step rows (no 'rl/timing/step' key)")
-    steps = steps[1:] or steps  # the first step pays one-off warm-ups
-    keys = sorted({k for r in steps for k in r if k.startswith(("timing/", "compute/", "perf/"))})
-    return {
-        "steps": len(steps),
-        **{k: round(statistics.mean(r[k] for r in steps if k in r), 4) for k in keys},
-    }
-
-
-# ---- peak memory ------------------------------------------------------------------------------------
-
-
-def peak_memory(cmd: list[str], interval: float = 0.5) -> dict:
-    """Run `cmd`; sample the proportional set size (PSS: shared pages split between the processes
-    that map them) of its whole process tree, Ray's GCS, raylet, workers and object store
-    included, and the machine's used memory. Returns peaks in GiB and the exit code."""
-    import psutil
-
-    baseline = psutil.virtual_memory().total - psutil.virtual_memory().available
-    proc = subprocess.Popen(cmd)
-    root = psutil.Process(proc.pid)
-    peak = {"tree_pss_gib": 0.0, "machine_used_delta_gib": 0.0}
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            total = 0
-            try:
-                procs = [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                break
-            for p in procs:
-                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                    total += p.memory_full_info().pss
-            vm = psutil.virtual_memory()
-            peak["tree_pss_gib"] = max(peak["tree_pss_gib"], total / 2**30)
-            peak["machine_used_delta_gib"] = max(
-                peak["machine_used_delta_gib"], (vm.total - vm.available - baseline) / 2**30
-            )
-            done.wait(interval)
-
-    t0 = time.time()
-    watcher = threading.Thread(target=sample, daemon=True)
-    watcher.start()
-    rc = proc.wait()
-    done.set()
-    watcher.join()
-    return {
-        "cmd": " ".join(cmd),
-        "exit_code": rc,
-        "wall_s": round(time.time() - t0, 1),
-        **{k: round(v, 2) for k, v in peak.items()},
-    }
-
-
 # ---- command line -----------------------------------------------------------------------------------
 
 
@@ -409,12 +341,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.what == "rl-step":
+        from rlhf.bench_runs import rl_step_report
+
         _print("rl_step", rl_step_report(args.metrics))
         return 0
     if args.what == "memory":
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not cmd:
             parser.error("memory: give the command after --")
+        from rlhf.bench_runs import peak_memory
+
         result = peak_memory(cmd)
         _print("memory", result)
         return result["exit_code"]

@@ -4,7 +4,7 @@ side-by-side run against TRL (its settings translation and step timing; TRL itse
 import json
 import sys
 
-from rlhf.bench import peak_memory, rl_step_report
+from rlhf.bench_runs import peak_memory, rl_step_report
 
 
 def test_peak_memory_sees_a_child_process_allocation():
