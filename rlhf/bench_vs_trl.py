@@ -89,6 +89,7 @@ def our_overrides(job: Job, model_dir: Path, root: Path, steps: int, num_workers
     if job.kind == "sft":
         return run + [
             f"sft.max_steps={steps}",
+            f"sft.num_workers={num_workers}",
             f"sft.global_batch_size={SFT_BATCH}",
             f"sft.micro_batch_size={SFT_BATCH // num_workers}",
             f"sft.lr={LR}",
