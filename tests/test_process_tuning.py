@@ -5,6 +5,7 @@ torch.distributed are per process)."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -50,8 +51,6 @@ print(json.dumps({"loops": len(loops), "idled": idled,
 
 
 def _run(script: str, *args: str, env: dict | None = None) -> dict:
-    import os
-
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script), *args],
         cwd=REPO,

@@ -92,10 +92,10 @@ def evaluate(
         return {}
     model.eval()
     sums: dict[str, float] = {}
-    ids = sorted(range(rank, len(eval_ds), world), key=lambda j: task.length(eval_ds[j]))
+    rows = sorted((eval_ds[j] for j in range(rank, len(eval_ds), world)), key=task.length)
     with torch.no_grad():
-        for i in range(0, len(ids), batch_size):
-            batch = task.collate([eval_ds[j] for j in ids[i : i + batch_size]])
+        for i in range(0, len(rows), batch_size):
+            batch = task.collate(rows[i : i + batch_size])
             for k, v in task.eval_sums(model, batch).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
     # Ranks with an empty slice still take part in the all-reduce.
