@@ -124,7 +124,12 @@ def test_two_workers_and_one_worker_give_the_same_weights_for_the_same_global_ba
     )
     two = run_stage(
         small_config(
-            tmp_path / "w2", "sft", "sft.num_workers=2", "sft.max_steps=2", "sft.micro_batch_size=2"
+            tmp_path / "w2",
+            "sft",
+            "sft.num_workers=2",
+            "sft.cpus_per_worker=1",
+            "sft.max_steps=2",
+            "sft.micro_batch_size=2",
         ),
         "sft",
         base_model,
@@ -177,6 +182,7 @@ def test_more_workers_than_the_cluster_can_hold_is_refused_before_anything_start
 
 def test_rerunning_after_a_kill_resumes_and_matches_an_uninterrupted_run(tmp_path, base_model):
     args = [f"sft.init_from={base_model}", "sft.max_steps=6", "sft.save_interval=2"]
+    args += ["sft.num_workers=2", "sft.cpus_per_worker=1"]  # DeepSpeed's sharded checkpoint
     # Uninterrupted reference run, in this process's Ray cluster.
     ref = run_stage(small_config(tmp_path / "ref", "sft", *args), "sft", base_model)
 
@@ -232,7 +238,13 @@ def test_a_killed_training_worker_is_replaced_and_the_stage_completes(tmp_path, 
     import psutil
 
     cfg = small_config(
-        tmp_path, "sft", f"sft.init_from={base_model}", "sft.max_steps=8", "sft.max_failures=1"
+        tmp_path,
+        "sft",
+        f"sft.init_from={base_model}",
+        "sft.max_steps=8",
+        "sft.max_failures=1",
+        "sft.num_workers=2",  # one of two is killed
+        "sft.cpus_per_worker=1",
     )
     ckpts = tmp_path / "t/ray_train/sft"
     killed: list[int] = []
