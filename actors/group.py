@@ -18,10 +18,13 @@ RL step runs the phases of roles sharing a bundle one after another (rlhf/rl/tra
 Actors' OpenMP threads wait passively (`OMP_WAIT_POLICY=PASSIVE` unless the driver's environment
 sets it): spinning threads of an idle role would steal the cores of the one computing, and on a
 busy machine a spinning barrier made a 2-thread training step 7x slower than 1 thread. torch's
-OpenMP (libgomp) still spins briefly before it sleeps (`GOMP_SPINCOUNT=3000`, unless set): fully
-passive, every one of a step's many small parallel regions paid a wake-up; a 25.6M policy update
-took 1.11-1.18 s instead of 0.96 s (idle machine) and 2.67 s instead of 2.57 s (two CPU hogs
-running; 3.38 s with libgomp's default spinning), 2026-12-02.
+OpenMP (libgomp) still spins briefly before it sleeps (`GOMP_SPINCOUNT=30000`, about 0.3 ms,
+unless set): fully passive, every one of a step's many small parallel regions paid a wake-up; a
+25.6M policy update took 1.11-1.18 s instead of 0.96 s (idle machine) and 2.67 s instead of 2.57 s
+(two CPU hogs running; 3.38 s with libgomp's default spinning), 2026-12-02. A spin of 3000 was
+still too short: in one process the update took 1.01-1.05 s against 0.93-0.96 s with 30000 (idle;
+2.37-2.50 vs 2.31-2.43 s next to two hogs), and the bench's GRPO step at 0.41M 0.163 s against
+0.131 s (0.126 s at libgomp's default 300000).
 """
 
 from __future__ import annotations
@@ -160,7 +163,7 @@ class ActorGroup:
                         "MASTER_PORT": str(self.master[1]),
                         BUNDLE_CPUS_ENV: str(self.bundle_cpus),
                         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-                        "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "3000"),
+                        "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "30000"),
                     }
                 },
             ).remote(**self._kwargs)

@@ -69,8 +69,8 @@ def test_colocated_roles_each_size_their_threads_to_the_whole_bundle(ray_cluster
         # Both get the bundle's 2 CPUs (not the rider's 0.25), and idle OpenMP threads sleep
         # after a short spin.
         assert ray.get(host.call_async("threads") + rider.call_async("threads")) == [
-            ("PASSIVE", "3000", 2),
-            ("PASSIVE", "3000", 2),
+            ("PASSIVE", "30000", 2),
+            ("PASSIVE", "30000", 2),
         ]
     finally:
         rider.kill()
