@@ -164,6 +164,14 @@ class TrainStageConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU.")
     micro_batch_size: int = Field(8, ge=1, description="Samples per worker per forward pass.")
     global_batch_size: int = Field(32, ge=1, description="Samples per optimizer step, all workers.")
+    micro_batch_tokens: int | None = Field(
+        None,
+        ge=8,
+        description="Dynamic micro-batches (one worker on the torch engine): each step's rows, "
+        "sorted by length, are cut into micro-batches of at most this many padded tokens (rows x "
+        "the longest row) instead of micro_batch_size rows each; the update is the same, less "
+        "padding is computed. Held-out batches too. None: micro_batch_size rows.",
+    )
     max_steps: int = Field(100, ge=1, description="Optimizer steps.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
@@ -222,7 +230,15 @@ class TrainStageConfig(Section):
             raise ValueError(
                 f"warmup_steps={self.warmup_steps} must be smaller than max_steps={self.max_steps}"
             )
-        self.engine_backend  # noqa: B018 - validates engine='torch'
+        backend = self.engine_backend  # validates engine='torch'
+        if self.micro_batch_tokens is not None and backend != "torch":
+            raise ValueError(
+                f"micro_batch_tokens={self.micro_batch_tokens} needs the torch engine (one CPU "
+                f"worker in fp32; DeepSpeed accumulates a fixed number of micro-batches), but "
+                f"num_workers={self.num_workers}, use_gpu={self.use_gpu}, engine="
+                f"{self.engine!r}, precision={self.precision!r} give {backend}; set "
+                f"micro_batch_tokens=null to cut micro_batch_size rows"
+            )
         if self.select == "best" and not self.has_heldout:
             raise ValueError(
                 "select='best' picks the checkpoint with the lowest held-out loss, but eval_files "
@@ -434,6 +450,12 @@ class RLConfig(Section):
         description="auto: no old-logprob forward when the update is on-policy (ppo_epochs=1, "
         "one mini-batch) and no reference model when kl_coef=0 with a fixed controller; never: "
         "run both always (KL metrics at kl_coef=0, A/B checks).",
+    )
+    shared_prompt_forward: bool = Field(
+        True,
+        description="Policy and reference forwards run each distinct prompt of a micro-batch "
+        "once and continue its samples from its cached keys/values (the same logits and "
+        "gradients up to float rounding); false: every row's prompt again.",
     )
     loss_mode: Literal["token_mean", "seq_mean", "seq_sum"] = Field(
         "token_mean", description="How per-token losses are reduced."

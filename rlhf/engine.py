@@ -251,7 +251,9 @@ class TorchEngine:
     ) -> None:
         self.module, self.optimizer, self.lr_scheduler = module, optimizer, lr_scheduler
         self.grad_accum_steps, self.grad_clip = grad_accum_steps, grad_clip
-        self.micro_steps = self.global_steps = 0
+        # `grad_accum_steps` may change between optimizer steps (dynamic micro-batches): the
+        # optimizer steps after that many micro-batches since its last step.
+        self.micro_steps = self.global_steps = self._pending = 0
         self._global_grad_norm: float | None = None
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
 
@@ -262,8 +264,10 @@ class TorchEngine:
 
     def step(self) -> None:
         self.micro_steps += 1
-        if self.micro_steps % self.grad_accum_steps:
+        self._pending += 1
+        if self._pending < self.grad_accum_steps:
             return
+        self._pending = 0
         norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
         self._global_grad_norm = float(norm)
         self.optimizer.step()

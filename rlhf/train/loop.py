@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,10 +82,30 @@ def stream_indices(start: int, count: int, n: int, seed: int) -> list[int]:
     return out
 
 
+def token_budget_batches(rows: list, length: Callable[[Any], int], max_tokens: int) -> list[list]:
+    """Cut `rows`, sorted by `length`, into consecutive micro-batches whose padded size (rows x
+    the longest row's length) stays within `max_tokens`; a longer row goes alone."""
+    batches: list[list] = []
+    current: list = []
+    for row in rows:
+        if current and (len(current) + 1) * length(row) > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(row)
+    return batches + [current] if current else batches
+
+
 def evaluate(
-    task: StageTask, model: torch.nn.Module, eval_ds: Any, rank: int, world: int, batch_size: int
+    task: StageTask,
+    model: torch.nn.Module,
+    eval_ds: Any,
+    rank: int,
+    world: int,
+    batch_size: int,
+    max_tokens: int | None = None,
 ) -> dict[str, float]:
     """Sharded evaluation: each rank sums over its slice, sums are all-reduced, then finished.
+    Batches of `batch_size` rows of similar length, or cut by `max_tokens` (token_budget_batches).
 
     No held-out samples (every rank sees the same split): no evaluation, no metrics.
     """
@@ -93,9 +114,13 @@ def evaluate(
     model.eval()
     sums: dict[str, float] = {}
     rows = sorted((eval_ds[j] for j in range(rank, len(eval_ds), world)), key=task.length)
+    if max_tokens is None:
+        batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    else:
+        batches = token_budget_batches(rows, task.length, max_tokens)
     with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            batch = task.collate(rows[i : i + batch_size])
+        for part in batches:
+            batch = task.collate(part)
             for k, v in task.eval_sums(model, batch).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
     # Ranks with an empty slice still take part in the all-reduce.
@@ -230,10 +255,12 @@ def _train_step(
     # global batch's loss and gradient do not depend on how its rows are split.
     rows = sorted((data.train[i] for i in ids), key=task.length)
     norm = max(1, task.loss_weight(rows))
-    micro = (
-        task.collate(rows[(k * world + rank) * mb : (k * world + rank + 1) * mb])
-        for k in range(gas)
-    )
+    if scfg.micro_batch_tokens is not None:  # one worker, torch engine (validated)
+        parts = token_budget_batches(rows, task.length, scfg.micro_batch_tokens)
+        gas = engine.grad_accum_steps = len(parts)
+    else:
+        parts = [rows[(k * world + rank) * mb : (k * world + rank + 1) * mb] for k in range(gas)]
+    micro = (task.collate(part) for part in parts)
     sums, _, bad = accumulate(
         engine, micro, lambda b: task.loss(engine.module, b, norm), world, gas, loss_key="loss"
     )
@@ -311,7 +338,15 @@ def _run_steps(
         if scfg.select_best:  # every evaluation is a candidate checkpoint, every checkpoint scored
             at_eval = at_save = at_eval or at_save
         if at_eval:
-            ev = evaluate(task, engine.module, data.eval, rank, world, scfg.micro_batch_size)
+            ev = evaluate(
+                task,
+                engine.module,
+                data.eval,
+                rank,
+                world,
+                scfg.micro_batch_size,
+                scfg.micro_batch_tokens,
+            )
             metrics.update({f"{stage}/eval_{k}": v for k, v in ev.items()})
             _watch_overfitting(stage, scfg.overfit_patience, state, ev, writer)
         if state["step"] % scfg.log_interval == 0 or last or state["step"] == 1:

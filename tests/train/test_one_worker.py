@@ -24,6 +24,7 @@ def one_worker_config(tmp_path, *extra):
             "run.stages=[sft]",
             *TINY,
             "sft.num_workers=1",
+            "sft.micro_batch_tokens=null",  # micro_batch_size rows: 2 accumulated per step
             "sft.max_steps=4",
             "sft.warmup_steps=1",
             "sft.micro_batch_size=4",

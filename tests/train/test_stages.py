@@ -128,6 +128,7 @@ def test_two_workers_and_one_worker_give_the_same_weights_for_the_same_global_ba
             "sft",
             "sft.num_workers=2",
             "sft.cpus_per_worker=1",
+            "sft.micro_batch_tokens=null",
             "sft.max_steps=2",
             "sft.micro_batch_size=2",
         ),
@@ -170,7 +171,9 @@ def test_more_workers_than_the_cluster_can_hold_is_refused_before_anything_start
     """Ray Train would wait for the missing CPUs without end; the stage says what is missing."""
     from rlhf.train.trainer import StageFailedError
 
-    cfg = small_config(tmp_path, "sft", "sft.num_workers=2", "sft.cpus_per_worker=2")
+    cfg = small_config(
+        tmp_path, "sft", "sft.num_workers=2", "sft.cpus_per_worker=2", "sft.micro_batch_tokens=null"
+    )
     with pytest.raises(
         StageFailedError,
         match=r"sft.num_workers = 2 workers need 4 CPU \(sft.cpus_per_worker = 2 each\) but the "
@@ -182,7 +185,8 @@ def test_more_workers_than_the_cluster_can_hold_is_refused_before_anything_start
 
 def test_rerunning_after_a_kill_resumes_and_matches_an_uninterrupted_run(tmp_path, base_model):
     args = [f"sft.init_from={base_model}", "sft.max_steps=6", "sft.save_interval=2"]
-    args += ["sft.num_workers=2", "sft.cpus_per_worker=1"]  # DeepSpeed's sharded checkpoint
+    # DeepSpeed's sharded checkpoint
+    args += ["sft.num_workers=2", "sft.cpus_per_worker=1", "sft.micro_batch_tokens=null"]
     # Uninterrupted reference run, in this process's Ray cluster.
     ref = run_stage(small_config(tmp_path / "ref", "sft", *args), "sft", base_model)
 
@@ -245,6 +249,7 @@ def test_a_killed_training_worker_is_replaced_and_the_stage_completes(tmp_path, 
         "sft.max_failures=1",
         "sft.num_workers=2",  # one of two is killed
         "sft.cpus_per_worker=1",
+        "sft.micro_batch_tokens=null",
     )
     ckpts = tmp_path / "t/ray_train/sft"
     killed: list[int] = []
