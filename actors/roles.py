@@ -223,7 +223,11 @@ class PolicyActor(_Trained):
         self.engine.module.eval()
         mine = self._to_device(my_rows(batch, self.rank, self.world))
         out = response_logprobs(
-            self.engine.module, mine, self.rl.policy.micro_batch_size, self.rl.rollout.temperature
+            self.engine.module,
+            mine,
+            self.rl.policy.micro_batch_size,
+            self.rl.rollout.temperature,
+            self.rl.shared_prompt_forward,
         )
         return {"out": out.cpu(), "compute_s": time.perf_counter() - t0}
 
@@ -365,7 +369,11 @@ class ReferenceActor(_Rank):
         t0 = time.perf_counter()
         mine = self._to_device(my_rows(batch, self.rank, self.world))
         out = response_logprobs(
-            self.model, mine, self.rl.reference.micro_batch_size, self.rl.rollout.temperature
+            self.model,
+            mine,
+            self.rl.reference.micro_batch_size,
+            self.rl.rollout.temperature,
+            self.rl.shared_prompt_forward,
         )
         return {"out": out.cpu(), "compute_s": time.perf_counter() - t0}
 

@@ -138,8 +138,21 @@ def concat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
 
 
-def response_logits(model: torch.nn.Module, batch: Experience) -> torch.Tensor:
-    """Logits that predict each response token: (B, R, V)."""
+def response_logits(
+    model: torch.nn.Module, batch: Experience, share_prompts: bool = False
+) -> torch.Tensor:
+    """Logits that predict each response token: (B, R, V).
+
+    `share_prompts`: rows with the same prompt (a group's samples) run it once. The distinct
+    prompts' forward fills a key/value cache, each row continues from its prompt's copy, so the
+    prompt tokens are computed once per distinct prompt instead of once per row; gradients
+    through the shared part add up over its rows. The same logits and gradients up to float
+    rounding. Not under gradient checkpointing (no cache in training) or when no prompt repeats.
+    """
+    if share_prompts and not getattr(model, "is_gradient_checkpointing", False):
+        shared = _shared_prompt_logits(model, batch)
+        if shared is not None:
+            return shared
     out = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -147,6 +160,32 @@ def response_logits(model: torch.nn.Module, batch: Experience) -> torch.Tensor:
         use_cache=False,
     )
     return out.logits[:, batch.prompt_length - 1 : -1]
+
+
+def _shared_prompt_logits(model: torch.nn.Module, batch: Experience) -> torch.Tensor | None:
+    P = batch.prompt_length
+    prompts = torch.cat([batch.input_ids[:, :P], batch.attention_mask[:, :P]], dim=1)
+    distinct, row_prompt = torch.unique(prompts, dim=0, return_inverse=True)  # (U, 2P), (B,)
+    if len(distinct) == len(prompts):
+        return None
+    ids, mask = distinct[:, :P], distinct[:, P:]
+    first = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,  # only the last prompt position predicts a response token
+    )
+    cache = first.past_key_values
+    cache.reorder_cache(row_prompt)  # (U, ...) -> (B, ...): each row its prompt's keys/values
+    rest = model(
+        input_ids=batch.input_ids[:, P:],
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids[:, P:],
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return torch.cat([first.logits[row_prompt], rest.logits[:, :-1]], dim=1)
 
 
 def response_tokens(batch: Experience) -> torch.Tensor:

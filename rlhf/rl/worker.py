@@ -49,12 +49,17 @@ def _chunks(batch: Experience, size: int) -> Iterator[Experience]:
 
 @torch.no_grad()
 def response_logprobs(
-    model: torch.nn.Module, batch: Experience, micro_batch_size: int, temperature: float = 1.0
+    model: torch.nn.Module,
+    batch: Experience,
+    micro_batch_size: int,
+    temperature: float = 1.0,
+    share_prompts: bool = False,
 ) -> torch.Tensor:
-    """log p(response token) under `model` at the sampling temperature: (B, R), 0 on padding."""
+    """log p(response token) under `model` at the sampling temperature: (B, R), 0 on padding.
+    `share_prompts`: see `response_logits`."""
     parts = []
     for chunk in _chunks(batch, micro_batch_size):
-        logits = response_logits(model, chunk).float() / temperature
+        logits = response_logits(model, chunk, share_prompts).float() / temperature
         parts.append(token_logprobs(logits, response_tokens(chunk)) * chunk.response_mask)
     return torch.cat(parts) if parts else torch.zeros_like(batch.response_mask)
 
@@ -184,7 +189,8 @@ def policy_update(
 
     def loss_fn(chunk: Experience, norm: float, gas: int) -> tuple[torch.Tensor, dict]:
         mask = chunk.response_mask
-        logits = response_logits(engine.module, chunk).float() / temperature
+        logits = response_logits(engine.module, chunk, rl.shared_prompt_forward).float()
+        logits = logits / temperature
         logp = token_logprobs(logits, response_tokens(chunk))
         old = logp.detach() if on_policy else chunk.old_logprobs
         is_weights = None
