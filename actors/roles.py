@@ -431,7 +431,9 @@ class CriticActor(_Trained):
         t0 = time.perf_counter()
         self.engine.module.eval()
         mine = self._to_device(my_rows(batch, self.rank, self.world))
-        out = response_values(self.engine.module, mine, self.rl.critic.micro_batch_size)
+        out = response_values(
+            self.engine.module, mine, self.rl.critic.micro_batch_size, self.rl.shared_prompt_forward
+        )
         return {"out": out.cpu(), "compute_s": time.perf_counter() - t0}
 
     def train(self, batch: dict, step: int) -> dict[str, float]:

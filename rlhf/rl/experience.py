@@ -139,18 +139,21 @@ def concat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def response_logits(
-    model: torch.nn.Module, batch: Experience, share_prompts: bool = False
+    model: torch.nn.Module, batch: Experience, share_prompts: bool = False, causal_lm: bool = True
 ) -> torch.Tensor:
-    """Logits that predict each response token: (B, R, V).
+    """Logits that predict each response token: (B, R, V). A critic (`causal_lm=False`, one label
+    per token) gives the value of the state before each response token: (B, R, 1).
 
     `share_prompts`: rows with the same prompt (a group's samples) run it once. The distinct
     prompts' forward fills a key/value cache, each row continues from its prompt's copy, so the
     prompt tokens are computed once per distinct prompt instead of once per row; gradients
-    through the shared part add up over its rows. The same logits and gradients up to float
-    rounding. Not under gradient checkpointing (no cache in training) or when no prompt repeats.
+    through the shared part add up over its rows. The same outputs and gradients up to float
+    rounding. Not under gradient checkpointing (no cache in training), nor in one process when
+    no prompt repeats.
     """
     if share_prompts and not getattr(model, "is_gradient_checkpointing", False):
-        shared = _shared_prompt_logits(model, batch)
+        last_only = {"logits_to_keep": 1} if causal_lm else {}
+        shared = _shared_prompt_logits(model, batch, last_only)
         if shared is not None:
             return shared
     out = model(
@@ -162,21 +165,27 @@ def response_logits(
     return out.logits[:, batch.prompt_length - 1 : -1]
 
 
-def _shared_prompt_logits(model: torch.nn.Module, batch: Experience) -> torch.Tensor | None:
+def _shared_prompt_logits(
+    model: torch.nn.Module, batch: Experience, first_kwargs: dict
+) -> torch.Tensor | None:
+    from transformers import DynamicCache
+
     P = batch.prompt_length
     prompts = torch.cat([batch.input_ids[:, :P], batch.attention_mask[:, :P]], dim=1)
     distinct, row_prompt = torch.unique(prompts, dim=0, return_inverse=True)  # (U, 2P), (B,)
-    if len(distinct) == len(prompts):
-        return None
+    if len(distinct) == len(prompts) and not _several_ranks():
+        return None  # nothing to share; with several ranks every one runs the same forwards
     ids, mask = distinct[:, :P], distinct[:, P:]
+    # Passed in, not read from the output: a token-classification critic does not return it.
+    cache = DynamicCache(config=model.config)
     first = model(
         input_ids=ids,
         attention_mask=mask,
         position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        past_key_values=cache,
         use_cache=True,
-        logits_to_keep=1,  # only the last prompt position predicts a response token
+        **first_kwargs,
     )
-    cache = first.past_key_values
     cache.reorder_cache(row_prompt)  # (U, ...) -> (B, ...): each row its prompt's keys/values
     rest = model(
         input_ids=batch.input_ids[:, P:],
@@ -185,7 +194,15 @@ def _shared_prompt_logits(model: torch.nn.Module, batch: Experience) -> torch.Te
         past_key_values=cache,
         use_cache=True,
     )
-    return torch.cat([first.logits[row_prompt], rest.logits[:, :-1]], dim=1)
+    # The last prompt position predicts (or values the state before) the first response token.
+    return torch.cat([first.logits[row_prompt, -1:], rest.logits[:, :-1]], dim=1)
+
+
+def _several_ranks() -> bool:
+    """Whether a process group of several ranks is up: ZeRO-3 gathers each layer's weights in
+    every forward, so every rank must run as many as the others."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def response_tokens(batch: Experience) -> torch.Tensor:

@@ -66,24 +66,18 @@ def response_logprobs(
 
 @torch.no_grad()
 def response_values(
-    critic: torch.nn.Module, batch: Experience, micro_batch_size: int
+    critic: torch.nn.Module, batch: Experience, micro_batch_size: int, share_prompts: bool = False
 ) -> torch.Tensor:
-    """V(state before each response token): (B, R), 0 on padding."""
+    """V(state before each response token): (B, R), 0 on padding. `share_prompts`: see
+    `response_logits`."""
     parts = []
     for chunk in _chunks(batch, micro_batch_size):
-        parts.append(_values(critic, chunk) * chunk.response_mask)
+        parts.append(_values(critic, chunk, share_prompts) * chunk.response_mask)
     return torch.cat(parts) if parts else torch.zeros_like(batch.response_mask)
 
 
-def _values(critic: torch.nn.Module, batch: Experience) -> torch.Tensor:
-    P = batch.prompt_length
-    out = critic(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    )
-    return out.logits.squeeze(-1)[:, P - 1 : -1].float()
+def _values(critic: torch.nn.Module, batch: Experience, share_prompts: bool) -> torch.Tensor:
+    return response_logits(critic, batch, share_prompts, causal_lm=False).squeeze(-1).float()
 
 
 @torch.no_grad()
@@ -252,7 +246,7 @@ def critic_update(
     """Value regression to the GAE returns, PPO2-clipped around the rollout-time values."""
 
     def loss_fn(chunk: Experience, norm: float, gas: int) -> tuple[torch.Tensor, dict]:
-        values = _values(engine.module, chunk)
+        values = _values(engine.module, chunk, rl.shared_prompt_forward)
         loss, metrics = value_loss(
             values,
             chunk.values,
