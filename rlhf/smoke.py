@@ -34,6 +34,7 @@ def smoke_overrides(model: str | None, out_dir: str) -> list[str]:
             f"{stage}.warmup_steps=1",
             f"{stage}.eval_interval=5",
             f"{stage}.save_interval=5",
+            f"{stage}.micro_batch_tokens=null",  # a GPU stage trains on DeepSpeed
         ]
     return out + [
         "rl.max_steps=2",
