@@ -150,10 +150,17 @@ def check_resources(scfg: Any, stage: str) -> None:
     some). The RL stage checks its actors the same way (`actors.group.validate_resources`)."""
     import ray
 
-    free = ray.available_resources()
     need = {"CPU": scfg.num_workers * scfg.cpus_per_worker}
     if scfg.use_gpu:
         need["GPU"] = float(scfg.num_workers)
+    # A stage that just ended frees its workers' resources a little later: wait up to 15 s.
+    deadline = time.monotonic() + 15.0
+    free = ray.available_resources()
+    while time.monotonic() < deadline and any(
+        amount > free.get(kind, 0.0) + 1e-9 for kind, amount in need.items()
+    ):
+        time.sleep(0.5)
+        free = ray.available_resources()
     for kind, amount in need.items():
         have = free.get(kind, 0.0)
         if amount > have + 1e-9:
