@@ -173,8 +173,12 @@ def _shared_prompt_logits(
     P = batch.prompt_length
     prompts = torch.cat([batch.input_ids[:, :P], batch.attention_mask[:, :P]], dim=1)
     distinct, row_prompt = torch.unique(prompts, dim=0, return_inverse=True)  # (U, 2P), (B,)
-    if len(distinct) == len(prompts) and not _several_ranks():
-        return None  # nothing to share; with several ranks every one runs the same forwards
+    from rlhf.train.core import several_ranks
+
+    # Nothing to share; but ZeRO-3 gathers each layer's weights in every forward, so with
+    # several ranks every rank runs as many forwards as the others.
+    if len(distinct) == len(prompts) and not several_ranks():
+        return None
     ids, mask = distinct[:, :P], distinct[:, P:]
     # Passed in, not read from the output: a token-classification critic does not return it.
     cache = DynamicCache(config=model.config)
@@ -196,13 +200,6 @@ def _shared_prompt_logits(
     )
     # The last prompt position predicts (or values the state before) the first response token.
     return torch.cat([first.logits[row_prompt, -1:], rest.logits[:, :-1]], dim=1)
-
-
-def _several_ranks() -> bool:
-    """Whether a process group of several ranks is up: ZeRO-3 gathers each layer's weights in
-    every forward, so every rank must run as many as the others."""
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def response_tokens(batch: Experience) -> torch.Tensor:

@@ -42,11 +42,14 @@ def optimizer_of(engine: Any) -> eng.GuardedAdamW:
     return opt if isinstance(opt, eng.GuardedAdamW) else opt.optimizer
 
 
+def several_ranks() -> bool:
+    """Whether a process group of more than one rank is up."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
     """Sum each value over the ranks (a no-op without a process group or with one rank)."""
-    if not values or not (
-        dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    ):
+    if not values or not several_ranks():
         return {k: float(v) for k, v in values.items()}
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
