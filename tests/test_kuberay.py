@@ -186,12 +186,13 @@ def test_the_train_group_is_sized_by_the_largest_offline_stage_that_runs():
         TINY,
         "run.stages=[sft,rm,dpo]",
         "rm.num_workers=4",
+        "rm.micro_batch_size=8",
         "rm.cpus_per_worker=2",
         "dpo.cpus_per_worker=3",
     )
     (train,) = cluster_of(doc)["workerGroupSpecs"]
     assert train["groupName"] == "train"
-    # max(num_workers) = max(2, 4, 2); max(cpus_per_worker) = max(1, 2, 3)
+    # max(num_workers) = max(1, 4, 1); max(cpus_per_worker) = max(2, 2, 3)
     assert train["replicas"] == train["maxReplicas"] == 4
     assert train["rayStartParams"] == {"num-cpus": "3"}
     limits = train["template"]["spec"]["containers"][0]["resources"]["limits"]

@@ -1,4 +1,5 @@
-"""Each Ray Train stage for a few steps on a real local Ray cluster with DeepSpeed (gloo, CPU)."""
+"""Each Ray Train stage for a few steps on a real local Ray cluster: the demo config's one worker
+(the plain-torch engine) or two DeepSpeed workers (gloo, CPU)."""
 
 import json
 import os
@@ -67,11 +68,17 @@ def _weights(model_dir):
     return load_file(str(Path(model_dir) / "model.safetensors"))
 
 
+# The demo config trains every stage on one worker; pretraining and DPO run here on two DeepSpeed
+# workers instead, so that both engines train real stages.
+TWO_DEEPSPEED_WORKERS = {"pretrain", "dpo"}
+
+
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "rm", "dpo"])
 def test_each_stage_trains_a_few_steps_and_exports_a_loadable_hf_checkpoint(
     tmp_path, base_model, stage
 ):
-    cfg = small_config(tmp_path, stage)
+    two = [f"{stage}.num_workers=2", f"{stage}.cpus_per_worker=1"]
+    cfg = small_config(tmp_path, stage, *(two if stage in TWO_DEEPSPEED_WORKERS else []))
     summary = run_stage(cfg, stage, base_model)
     stage_dir = Path(summary["model"]).parent
     rows = _metrics(stage_dir)
@@ -80,6 +87,10 @@ def test_each_stage_trains_a_few_steps_and_exports_a_loadable_hf_checkpoint(
     assert f"{stage}/eval_loss" in rows[-1]
     assert (stage_dir / "tensorboard").is_dir()
     assert json.loads((stage_dir / "done.json").read_text())["stage"] == stage
+    lines = [json.loads(x) for x in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    (startup,) = [x["data"] for x in lines if x.get("event") == "startup"]
+    two = stage in TWO_DEEPSPEED_WORKERS
+    assert (startup["engine"], startup["workers"]) == (("deepspeed", 2) if two else ("torch", 1))
     before, after = _weights(base_model), _weights(summary["model"])
     changed = [k for k in before if k in after and not torch.equal(before[k], after[k])]
     assert changed, "training changed no weight"
