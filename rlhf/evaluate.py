@@ -20,150 +20,12 @@ from typing import Any
 
 import torch
 
+from rlhf.answers import load_tokenizer, policies_answers
 from rlhf.config import Config
 
 
 def exact_match(answer: str, label: str) -> bool:
     return answer.strip() == label.strip()
-
-
-def _tokenizer(model_dir: str, prompt_format: str, message_lists: int) -> tuple[Any, str]:
-    """The model's tokenizer and the prompt format resolved for it (`raw` or `chat`)."""
-    from transformers import AutoTokenizer
-
-    from rlhf.data.render import resolve_prompt_format
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    return tok, resolve_prompt_format(prompt_format, tok, message_lists, "eval.prompt_format")
-
-
-def encode_prompts(
-    model_dir: str, prompts: list[list[dict]], prompt_format: str = "auto", message_lists: int = 0
-) -> tuple[Any, list[list[int]]]:
-    """The model's tokenizer and the prompts' token ids, rendered as SFT and RL render them."""
-    from rlhf.data.render import render_prompt
-
-    tok, fmt = _tokenizer(model_dir, prompt_format, message_lists)
-    return tok, [render_prompt(p, tok, fmt) for p in prompts]
-
-
-def policy_answers(
-    model_dir: str,
-    prompts: list[list[dict]],
-    max_new_tokens: int,
-    num_samples: int = 0,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 32,
-    prompt_format: str = "auto",
-    message_lists: int = 0,
-    engine: str = "transformers",
-    resources: dict[str, float] | None = None,
-) -> tuple[list[str], list[list[str]]]:
-    """Greedy answers to prompts (lists of turns, rendered by `prompt_format`) and `num_samples`
-    sampled ones each, stopping at EOS: (greedy, sampled). `message_lists`: how many prompts came
-    as lists of turns (for `auto`). `engine="vllm"`: a vLLM engine (`engine_tokens`), else
-    transformers in this process (left padding, the model loaded once)."""
-    tok, rendered = encode_prompts(model_dir, prompts, prompt_format, message_lists)
-    if engine == "vllm":
-        greedy_ids, sampled_ids = engine_tokens(
-            model_dir, rendered, max_new_tokens, num_samples, temperature, seed, resources
-        )
-        decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
-        return [decode(x) for x in greedy_ids], [[decode(x) for x in xs] for xs in sampled_ids]
-    from transformers import AutoModelForCausalLM
-
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-    def generate(**sampling) -> list[str]:
-        out: list[str] = []
-        for i in range(0, len(rendered), batch_size):
-            batch = [{"input_ids": ids} for ids in rendered[i : i + batch_size]]
-            enc = tok.pad(batch, padding=True, return_tensors="pt")
-            ids = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                **sampling,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-            )
-            out.extend(
-                tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            )
-        return out
-
-    sampled: list[list[str]] = []
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        greedy = generate(do_sample=False)
-        if num_samples > 0:
-            torch.manual_seed(seed)
-            flat = generate(
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                num_return_sequences=num_samples,
-            )
-            sampled = [flat[j : j + num_samples] for j in range(0, len(flat), num_samples)]
-    return greedy, sampled
-
-
-def _vllm_tokens(
-    model_dir: str,
-    rendered: list[list[int]],
-    max_new_tokens: int,
-    num_samples: int,
-    temperature: float,
-    seed: int,
-) -> tuple[list[list[int]], list[list[list[int]]]]:
-    from actors.rollout import RolloutEngine
-
-    engine = RolloutEngine(
-        model_dir,
-        max_model_len=max(map(len, rendered)) + max_new_tokens,
-        max_num_seqs=64,
-        seed=seed,
-    )
-    try:
-        out = engine.generate(rendered, max_tokens=max_new_tokens, temperature=0.0)
-        greedy = [s.token_ids for s in out]
-        sampled: list[list[list[int]]] = []
-        if num_samples > 0:
-            flat = engine.generate(
-                rendered,
-                n=num_samples,
-                max_tokens=max_new_tokens,
-                temperature=temperature,
-                seed=seed,
-            )
-            ids = [s.token_ids for s in flat]
-            sampled = [ids[j : j + num_samples] for j in range(0, len(ids), num_samples)]
-    finally:
-        engine.shutdown()
-    return greedy, sampled
-
-
-def engine_tokens(
-    model_dir: str,
-    rendered: list[list[int]],
-    max_new_tokens: int,
-    num_samples: int = 0,
-    temperature: float = 1.0,
-    seed: int = 0,
-    resources: dict[str, float] | None = None,
-) -> tuple[list[list[int]], list[list[list[int]]]]:
-    """Greedy and sampled answer token ids from a vLLM engine built from `model_dir`: in a Ray
-    task holding `resources` ({"num_cpus", "num_gpus"}: the rollout engine's) when Ray runs in
-    this process, so a driver without a GPU evaluates on the cluster's; else in this process."""
-    import ray
-
-    if ray.is_initialized():
-        task = ray.remote(_vllm_tokens).options(**(resources or {"num_cpus": 1}))
-        return ray.get(
-            task.remote(model_dir, rendered, max_new_tokens, num_samples, temperature, seed)
-        )
-    return _vllm_tokens(model_dir, rendered, max_new_tokens, num_samples, temperature, seed)
 
 
 def engine_resources(cfg: Config) -> dict[str, float]:
@@ -184,7 +46,7 @@ def reward_scores(
     from rlhf.data.render import tokenize_example
     from rlhf.models.factory import load_reward_model, sequence_rewards
 
-    tok, fmt = _tokenizer(rm_dir, prompt_format, message_lists)
+    tok, fmt = load_tokenizer(rm_dir, prompt_format, message_lists)
     model = load_reward_model(rm_dir).eval()
     rows = [
         tokenize_example([*p, {"role": "assistant", "content": a}], tok, fmt)[0]
@@ -281,18 +143,19 @@ def evaluate_policies(
     rendering = {"prompt_format": ev.prompt_format, "message_lists": message_lists}
     results: dict[str, Any] = {"eval/num_prompts": len(prompts)}
     answers, correct, sampled = {}, {}, {}
-    for name, path in policies.items():
-        answers[name], got = policy_answers(
-            path,
-            prompts,
-            ev.max_new_tokens,
-            ev.samples,
-            ev.temperature,
-            cfg.run.seed,
-            **rendering,
-            engine=ev.engine,
-            resources=engine_resources(cfg),
-        )
+    got_all = policies_answers(
+        policies,
+        prompts,
+        ev.max_new_tokens,
+        ev.samples,
+        ev.temperature,
+        cfg.run.seed,
+        **rendering,
+        engine=ev.engine,
+        resources=engine_resources(cfg),
+    )
+    for name, (greedy, got) in got_all.items():
+        answers[name] = greedy
         correct[name] = [exact_match(a, y) for a, y in zip(answers[name], labels)]
         results[f"eval/{name}_accuracy"] = round(sum(correct[name]) / len(prompts), 4)
         if ev.samples > 0:

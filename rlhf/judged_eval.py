@@ -218,11 +218,11 @@ def evaluate_judged(
     cfg: Any, policies: dict[str, str], judges: list[str], pretrain_data: str | None = None
 ) -> dict[str, Any]:
     """Every measure of the module docstring; the first policy is the baseline."""
+    from rlhf.answers import policies_answers
     from rlhf.evaluate import (
         engine_resources,
         exact_match,
         load_scored_prompts,
-        policy_answers,
         reward_scores,
     )
     from rlhf.judge import judge_pairs, parse_judge
@@ -237,9 +237,9 @@ def evaluate_judged(
     render = {"prompt_format": ev.prompt_format, "message_lists": message_lists}
     engine = {"engine": ev.engine, "resources": engine_resources(cfg)}
     answers, probe_answers = {}, {}
-    for name, path in policies.items():
-        # The probes go with the prompts: one engine start per policy.
-        got, _ = policy_answers(path, prompts + probe_chats, ev.max_new_tokens, **render, **engine)
+    # The probes go with the prompts; one engine answers for every policy in turn.
+    every = policies_answers(policies, prompts + probe_chats, ev.max_new_tokens, **render, **engine)
+    for name, (got, _) in every.items():
         answers[name], probe_answers[name] = got[: len(prompts)], got[len(prompts) :]
     blocks = load_pretrain_blocks(pretrain_data) if pretrain_data else []
     names = list(policies)

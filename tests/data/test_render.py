@@ -50,7 +50,7 @@ def _prompt_part(ids, labels):
 
 def prompt_tokens_of_every_stage(tmp_path, tokenizer_dir, fmt):
     """The prompt tokens of QUESTION as SFT, DPO/RM, RL and evaluation render it."""
-    from rlhf.evaluate import encode_prompts
+    from rlhf.answers import encode_prompts
     from rlhf.rl.trainer import RLRun
 
     sft_file = _write(tmp_path / "sft.jsonl", {"input": QUESTION, "output": "42"})

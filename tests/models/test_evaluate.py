@@ -1,15 +1,17 @@
 """Held-out evaluation: paired tests, greedy and sampled accuracy of real checkpoints, `rlhf eval`."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from rlhf.answers import policies_answers, policy_answers, reloadable
 from rlhf.config import load_config
 from rlhf.data import DataError
-from rlhf.evaluate import evaluate_policies, mcnemar_p, paired_p, policy_answers
+from rlhf.evaluate import evaluate_policies, mcnemar_p, paired_p
 from rlhf.models.factory import ensure_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,6 +84,37 @@ def test_the_vllm_engine_answers_greedily_as_transformers_does(tiny_dir):
     theirs, _ = policy_answers(str(tiny_dir), chats, 6, engine="transformers")
     assert ours == theirs and len(set(ours)) > 1  # fp32 on both sides; a random model varies
     assert [len(many) for many in sampled] == [3] * len(QUESTIONS)
+
+
+def test_one_vllm_engine_answers_for_each_policy_as_transformers_does(
+    tmp_path, tiny_dir, tiny_size
+):
+    # Two checkpoints of one architecture: the engine built for the first takes the second's
+    # weights in place, and must answer with them (greedy answers of each = transformers').
+    other = ensure_tiny_model(tmp_path / "other", seed=1, **tiny_size)
+    assert reloadable(str(tiny_dir), str(other))
+    chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    policies = {"a": str(tiny_dir), "b": str(other), "a_again": str(tiny_dir)}
+    ours = policies_answers(policies, chats, 6, num_samples=2, engine="vllm")
+    theirs = policies_answers(policies, chats, 6, engine="transformers")
+    assert {k: greedy for k, (greedy, _) in ours.items()} == {k: g for k, (g, _) in theirs.items()}
+    assert ours["a"][0] != ours["b"][0] and ours["a"] == ours["a_again"]  # sampled too (seeded)
+
+
+def test_an_engine_is_reused_only_for_the_same_architecture(tmp_path, tiny_dir, tiny_size):
+    wider = ensure_tiny_model(
+        tmp_path / "wider", **{**tiny_size, "hidden_size": 2 * tiny_size["hidden_size"]}
+    )
+    assert not reloadable(str(tiny_dir), str(wider))
+    renamed = tmp_path / "renamed"
+    shutil.copytree(tiny_dir, renamed)
+    config = json.loads((renamed / "config.json").read_text())
+    (renamed / "config.json").write_text(json.dumps({**config, "_name_or_path": "elsewhere"}))
+    tok_config = json.loads((renamed / "tokenizer_config.json").read_text())
+    (renamed / "tokenizer_config.json").write_text(json.dumps({**tok_config, "is_local": True}))
+    assert reloadable(str(tiny_dir), str(renamed))  # what transformers writes back after loading
+    (renamed / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
+    assert not reloadable(str(tiny_dir), str(renamed))  # the engine would stop at the old EOS
 
 
 def test_an_eval_prompt_without_a_label_is_named(tmp_path, tiny_dir):
