@@ -258,7 +258,8 @@ def _check_fused_groups_whole(names: set[str]) -> None:
 
 
 class RolloutActor:
-    """One vLLM engine as a Ray actor (thin: `RolloutEngine` does the work).
+    """One rollout engine as a Ray actor (thin: `RolloutEngine` does the work, or with
+    `rl.rollout.backend: transformers` the `HFRolloutEngine` of actors/hf_rollout.py).
 
     Weights arrive either through the object store (`load_weights`) or as the bucketed broadcast
     of policy rank 0 over gloo or NCCL (`init_weight_sync` + `receive_weights`, see
@@ -276,18 +277,23 @@ class RolloutActor:
 
             torch.set_num_threads(bundle_threads(rc.cpus_per_engine))
             retain_freed_memory()
-        self.engine = RolloutEngine(
-            model_path,
-            max_model_len=cfg.rl.max_prompt_length + rc.max_new_tokens,
-            kv_cache_gb=rc.kv_cache_gb,
-            gpu_memory_utilization=rc.gpu_memory_utilization,
-            max_num_seqs=max(8, rc.chunk_size * cfg.rl.samples_per_prompt),
-            seed=cfg.run.seed + engine_index,
-            trust_remote_code=cfg.model.trust_remote_code,
-            tensor_parallel_size=rc.tensor_parallel_size,
-            enable_sleep_mode=on_gpu and cfg.rl.engines_sleep,
-        )
-        if rc.tensor_parallel_size == 1:  # vLLM's groups here have this one member
+        if rc.backend == "transformers":
+            from actors.hf_rollout import HFRolloutEngine
+
+            self.engine = HFRolloutEngine(model_path, trust_remote_code=cfg.model.trust_remote_code)
+        else:
+            self.engine = RolloutEngine(
+                model_path,
+                max_model_len=cfg.rl.max_prompt_length + rc.max_new_tokens,
+                kv_cache_gb=rc.kv_cache_gb,
+                gpu_memory_utilization=rc.gpu_memory_utilization,
+                max_num_seqs=max(8, rc.chunk_size * cfg.rl.samples_per_prompt),
+                seed=cfg.run.seed + engine_index,
+                trust_remote_code=cfg.model.trust_remote_code,
+                tensor_parallel_size=rc.tensor_parallel_size,
+                enable_sleep_mode=on_gpu and cfg.rl.engines_sleep,
+            )
+        if rc.backend == "vllm" and rc.tensor_parallel_size == 1:  # vLLM's groups: one member
             from rlhf.process_tuning import idle_gloo_loops
 
             idle_gloo_loops()

@@ -378,7 +378,12 @@ class TrainRoleConfig(RoleConfig):
 
 
 class RolloutConfig(Section):
-    num_engines: int = Field(1, ge=1, description="vLLM engines (RolloutActors).")
+    backend: Literal["vllm", "transformers"] = Field(
+        "vllm",
+        description="vllm, or transformers' generate in the rollout actor (actors/hf_rollout.py: "
+        "faster for models of a few million parameters on CPU; no tensor parallelism).",
+    )
+    num_engines: int = Field(1, ge=1, description="Rollout engines (RolloutActors).")
     cpus_per_engine: float = Field(0.5, gt=0, description="CPUs per engine (a Ray resource).")
     gpus_per_engine: float = Field(
         0.0, ge=0, le=1, description="GPU share per engine (per TP rank: whole GPUs when TP > 1)."
@@ -662,6 +667,11 @@ class RLConfig(Section):
                 "join two ranks on one GPU; use weight_sync='object_store' (or 'auto')"
             )
         tp = self.rollout.tensor_parallel_size
+        if tp > 1 and self.rollout.backend == "transformers":
+            raise ValueError(
+                f"rollout.tensor_parallel_size={tp} with rollout.backend='transformers': only vLLM "
+                "shards an engine; set rollout.backend='vllm' or tensor_parallel_size=1"
+            )
         if tp > 1 and self.rollout.gpus_per_engine != 1:
             raise ValueError(
                 f"rollout.tensor_parallel_size={tp} shards an engine over {tp} whole GPUs: "

@@ -222,6 +222,31 @@ def test_each_critic_free_estimator_over_http_rewards(tmp_path, tiny_dir, ray_cl
         srv.shutdown()
 
 
+def test_the_transformers_rollout_backend_follows_the_policy(tmp_path, tiny_dir, ray_cluster):
+    """GRPO with `rl.rollout.backend=transformers`: after every weight sync the engine's
+    logprobs are the policy's (fp32, the same model code); full lr from the first update, so an
+    engine left on older weights would show a gap."""
+    cfg = rl_config(
+        tmp_path,
+        "rl.algorithm=grpo",
+        "rl.rollout.backend=transformers",
+        "rl.kl_in_reward=false",
+        "rl.policy.warmup_steps=0",
+        "rl.entropy_coef=0.05",  # a random model earns no reward: this moves it
+    )
+    run = RLRun(cfg, str(tiny_dir), reward_model_dir=None)
+    try:
+        (engine,) = run.groups["rollout"].actors
+        steps = [run.step(step) for step in range(3)]
+        assert all(m["rollout/logprob_gap"] < 1e-4 for m in steps), steps
+        assert all(m["policy/kl_loss"] >= 0.0 for m in steps)
+        assert ray.get(engine.version.remote()) == run.version == 3
+        samples, _ = ray.get(engine.generate.remote([[2, 6, 7, 1, 4]], 2, 4, 1.0, 1.0, 0))
+        assert [s.weights_version for s in samples] == [3, 3]
+    finally:
+        run.shutdown()
+
+
 def test_run_rl_saves_a_loadable_policy(tmp_path, tiny_dir, ray_cluster):
     from transformers import AutoModelForCausalLM
 

@@ -1,0 +1,97 @@
+"""The transformers rollout engine samples as the rollout contract says (`actors/hf_rollout.py`):
+prompt-major order, stop at EOS, the sampled distribution's log-probabilities, seeded
+reproducibility, and weights pushed in place."""
+
+import pytest
+import torch
+
+from actors.hf_rollout import HFRolloutEngine
+from rlhf.models.factory import load_causal_lm
+
+# Chat-shaped prompts of different lengths: <|user|> bytes <|eos|> <|assistant|>.
+PROMPTS = [[2, *(5 + b for b in text.encode()), 1, 4] for text in ("hi", "2+2?", "abc", "héllo!")]
+EOS = 1
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    return HFRolloutEngine(tiny_dir)
+
+
+def _model(tiny_dir):
+    return load_causal_lm(tiny_dir).eval()
+
+
+@torch.no_grad()
+def _logprobs(model, prompt: list[int], tokens: list[int], temperature: float) -> torch.Tensor:
+    """log p(token | prefix) of each token, teacher-forced, at `temperature` (no top-p)."""
+    ids = torch.tensor([prompt + tokens])
+    logits = model(ids).logits[0, len(prompt) - 1 : -1] / temperature
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
+
+
+def test_greedy_answers_and_logprobs_are_the_models(engine, tiny_dir):
+    samples = engine.generate(PROMPTS, max_tokens=12, temperature=0.0, ignore_eos=True)
+    model = _model(tiny_dir)
+    assert [s.prompt_index for s in samples] == [0, 1, 2, 3]
+    for prompt, sample in zip(PROMPTS, samples):
+        ids = torch.tensor([prompt])
+        model.generation_config.eos_token_id = None
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12)
+        assert sample.token_ids == want[0, len(prompt) :].tolist()  # alone, unpadded
+        assert sample.finish_reason == "length" and len(sample.token_ids) == 12
+        got = torch.tensor(sample.logprobs)
+        torch.testing.assert_close(
+            got, _logprobs(model, prompt, sample.token_ids, 1.0), atol=1e-4, rtol=0
+        )
+
+
+def test_samples_stop_at_eos_and_carry_the_sampled_distributions_logprobs(engine, tiny_dir):
+    temperature, n = 1.7, 6
+    samples = engine.generate(PROMPTS, n=n, max_tokens=10, temperature=temperature, seed=3)
+    assert [s.prompt_index for s in samples] == [i for i in range(len(PROMPTS)) for _ in range(n)]
+    model = _model(tiny_dir)
+    for s in samples:
+        stopped = EOS in s.token_ids
+        assert s.finish_reason == ("stop" if stopped else "length")
+        assert EOS not in s.token_ids[:-1] and (stopped or len(s.token_ids) == 10)
+        want = _logprobs(model, PROMPTS[s.prompt_index], s.token_ids, temperature)
+        torch.testing.assert_close(torch.tensor(s.logprobs), want, atol=1e-4, rtol=0)
+    assert len({tuple(s.token_ids) for s in samples}) > len(PROMPTS)  # the samples differ
+    again = engine.generate(PROMPTS, n=n, max_tokens=10, temperature=temperature, seed=3)
+    assert [s.token_ids for s in again] == [s.token_ids for s in samples]
+    other = engine.generate(PROMPTS, n=n, max_tokens=10, temperature=temperature, seed=4)
+    assert [s.token_ids for s in other] != [s.token_ids for s in samples]
+
+
+def test_top_p_keeps_the_sampled_tokens_inside_the_nucleus(engine, tiny_dir):
+    samples = engine.generate(PROMPTS[:1], n=16, max_tokens=1, temperature=1.0, top_p=0.3, seed=0)
+    model = _model(tiny_dir)
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([PROMPTS[0]])).logits[0, -1], -1)
+    ranked = torch.sort(probs, descending=True)
+    keep = int((torch.cumsum(ranked.values, 0) < 0.3).sum()) + 1
+    nucleus = set(ranked.indices[:keep].tolist())
+    assert {s.token_ids[0] for s in samples} <= nucleus
+    for s in samples:  # renormalised over the nucleus
+        want = torch.log(probs[s.token_ids[0]] / ranked.values[:keep].sum())
+        assert s.logprobs[0] == pytest.approx(float(want), abs=1e-4)
+
+
+def test_weights_pushed_in_place_are_the_ones_it_samples_with(engine, tiny_dir):
+    model = _model(tiny_dir)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    before = engine.generate(PROMPTS, max_tokens=8, temperature=0.0, ignore_eos=True)
+    version = engine.update_weights(model.state_dict().items(), version=7)
+    after = engine.generate(PROMPTS, max_tokens=8, temperature=0.0, ignore_eos=True)
+    assert version == 7 and all(s.weights_version == 7 for s in after)
+    assert [s.token_ids for s in after] != [s.token_ids for s in before]
+    for prompt, sample in zip(PROMPTS, after):
+        want = _logprobs(model, prompt, sample.token_ids, 1.0)
+        torch.testing.assert_close(torch.tensor(sample.logprobs), want, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="the model has no"):
+        engine.update_weights([("no.such.weight", torch.zeros(1))])
+    engine.update_weights(_model(tiny_dir).state_dict().items(), version=8)  # as loaded
