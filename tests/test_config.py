@@ -214,3 +214,8 @@ def test_a_tensor_parallel_engine_holds_whole_gpus_and_cpu_engines_cannot_shard(
         None, [*GPU_RL, "rl.rollout.num_engines=3", "rl.rollout.tensor_parallel_size=2"]
     )
     assert cfg.rl.resource_requests()["rollout"]["GPU"] == 6.0  # 3 engines x 2 GPUs
+    with pytest.raises(ConfigError, match=r"with rollout.backend='transformers': only vLLM"):
+        load_config(
+            None,
+            [*GPU_RL, "rl.rollout.tensor_parallel_size=2", "rl.rollout.backend=transformers"],
+        )
