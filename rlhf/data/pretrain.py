@@ -199,15 +199,15 @@ def build_pretraining_data(pcfg: Any, tokenizer_dir: str, seed: int = 0):
     report: dict[str, Any] = {"sources": {}}
     tokenized = {}
     for name, files in sorted(pcfg.sources.items()):
+        texts = _read_texts(files, skips)
+        # Every document tokenized once, in one batch (the fast tokenizer's threads): the
+        # report counts tokens before and after each step, and the kept ones are packed.
+        ids = dict(zip(texts, tok(texts, add_special_tokens=False)["input_ids"])) if texts else {}
+        lengths = {text: len(tokens) for text, tokens in ids.items()}
         kept, rep = clean_source(
-            name,
-            _read_texts(files, skips),
-            seen,
-            lsh,
-            pcfg.near_dup_threshold,
-            lambda d: len(tok(d, add_special_tokens=False)["input_ids"]),
+            name, texts, seen, lsh, pcfg.near_dup_threshold, lengths.__getitem__
         )
-        tokenized[name] = tok(kept, add_special_tokens=False)["input_ids"] if kept else []
+        tokenized[name] = [ids[d] for d in kept]
         rep["tokens_kept"] = sum(map(len, tokenized[name]))
         report["sources"][name] = rep
     docs, report["mix"] = mix_by_tokens(tokenized, pcfg.mix, pcfg.token_budget, seed)
