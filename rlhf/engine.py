@@ -86,7 +86,10 @@ def init_engine(
     """Wrap `model` in an engine with AdamW and a warmup+cosine schedule: DeepSpeed's, or with
     `backend="torch"` a `TorchEngine` (one CPU rank, fp32; `zero_stage` does not apply)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = GuardedAdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    # The torch engine's AdamW is torch's fused CPU kernel: one pass over each tensor instead of
+    # a dozen (25.6M parameters: 18 vs 78 ms a step, 0.41M: 0.32 vs 1.25 ms; 2026-12-02).
+    fused = {"fused": True} if backend == "torch" else {}
+    optimizer = GuardedAdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, **fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: warmup_cosine(
@@ -205,13 +208,21 @@ class GuardedAdamW(torch.optim.AdamW):
         self.force_skip = False  # set by the training loop when a loss was non-finite
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
+    def step(self, closure: Any = None, grad_norm: float | None = None) -> Any:
+        """`grad_norm`: the global gradient norm when the caller has it (the torch engine, from
+        clipping). It is finite exactly when every gradient is (a NaN or inf propagates into
+        it; so does a square too large for fp32, and such a step is skipped too), which saves
+        a finiteness pass over every gradient (47 ms a step at 25.6M parameters)."""
         bad = torch.full((1,), 1.0 if self.force_skip else 0.0)
         self.force_skip = False
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and not torch.isfinite(p.grad).all():
-                    bad.fill_(1.0)
+        if grad_norm is not None:
+            if not math.isfinite(grad_norm):
+                bad.fill_(1.0)
+        else:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None and not torch.isfinite(p.grad).all():
+                        bad.fill_(1.0)
         if (
             torch.distributed.is_available()
             and torch.distributed.is_initialized()
@@ -270,7 +281,7 @@ class TorchEngine:
         self._pending = 0
         norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
         self._global_grad_norm = float(norm)
-        self.optimizer.step()
+        self.optimizer.step(grad_norm=self._global_grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
         self.global_steps += 1

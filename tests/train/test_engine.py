@@ -35,3 +35,13 @@ def test_guarded_adamw_steps_normally_on_finite_gradients():
     assert opt.skipped_steps == 0 and not opt.last_step_skipped
     # Adam's first step moves every weight by lr against the gradient's sign.
     assert torch.allclose(p.data, torch.full((3,), 0.9))
+
+
+def test_guarded_adamw_reads_the_verdict_from_a_given_gradient_norm():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = GuardedAdamW([p], lr=0.1, weight_decay=0.0, fused=True)  # the torch engine's
+    p.grad = torch.ones(3)
+    opt.step(grad_norm=math.inf)  # the norm of a gradient holding an inf
+    assert opt.skipped_steps == 1 and torch.equal(p.data, torch.ones(3)) and not opt.state
+    opt.step(grad_norm=math.sqrt(3.0))
+    assert opt.skipped_steps == 1 and torch.allclose(p.data, torch.full((3,), 0.9))

@@ -6,6 +6,7 @@ loopback that the fixture tears down again.
 """
 
 import copy
+import math
 import socket
 
 import pytest
@@ -154,3 +155,31 @@ def test_the_torch_engine_skips_a_step_with_a_non_finite_loss_and_keeps_the_weig
         assert torch.equal(v, before[k]), k
     _train(engine, range(1, 2))  # the next finite step trains again
     assert not engine.optimizer.last_step_skipped
+
+
+class _InfGradient(torch.autograd.Function):
+    """0 in the forward; an inf gradient for its input in the backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 0.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf
+
+
+def test_the_torch_engine_skips_a_step_whose_gradient_is_not_finite():
+    engine = eng.init_engine(build_tiny_model(seed=0, **SIZE), **SETTINGS, backend="torch")
+    before = _weights(engine)
+
+    def inf_gradient(batch):  # a finite loss; one weight's gradient is inf
+        loss, metrics = _loss(engine.module, batch)
+        return loss + _InfGradient.apply(engine.module.lm_head.weight[0, 0]), metrics
+
+    _, _, bad = accumulate(engine, _batches(0), inf_gradient, 1, 2)
+    assert bad == 0  # the losses were finite: the guard found it in the gradient norm
+    assert engine.optimizer.last_step_skipped and engine.optimizer.skipped_steps == 1
+    assert not math.isfinite(engine.get_global_grad_norm())
+    for k, v in _weights(engine).items():
+        assert torch.equal(v, before[k]), k
