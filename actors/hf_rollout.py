@@ -139,7 +139,13 @@ class HFRolloutEngine:
         ).cpu()
         picked = logprobs.gather(-1, new.unsqueeze(-1)).squeeze(-1)
         return [
-            _sample(first_index + row // n, new[row].tolist(), picked[row].tolist(), stops, self)
+            _sample(
+                first_index + row // n,
+                new[row].tolist(),
+                picked[row].tolist(),
+                stops,
+                self.weights_version,
+            )
             for row in range(new.shape[0])
         ]
 
@@ -164,7 +170,7 @@ class HFRolloutEngine:
 
 
 def _sample(
-    prompt_index: int, tokens: list[int], logprobs: list[float], stops: list[int], engine
+    prompt_index: int, tokens: list[int], logprobs: list[float], stops: list[int], version: int
 ) -> Sample:
     """One row of `generate`'s output, cut after its first stop token."""
     end = next((i + 1 for i, t in enumerate(tokens) if t in stops), None)
@@ -175,5 +181,5 @@ def _sample(
         token_ids=tokens,
         logprobs=logprobs,
         finish_reason="length" if end is None else "stop",
-        weights_version=engine.weights_version,
+        weights_version=version,
     )
