@@ -41,32 +41,10 @@ def encode_prompts(
 
 
 def policy_answers(
-    model_dir: str,
-    prompts: list[list[dict]],
-    max_new_tokens: int,
-    num_samples: int = 0,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 32,
-    prompt_format: str = "auto",
-    message_lists: int = 0,
-    engine: str = "transformers",
-    resources: dict[str, float] | None = None,
+    model_dir: str, prompts: list[list[dict]], max_new_tokens: int, **options: Any
 ) -> tuple[list[str], list[list[str]]]:
-    """One policy's `policies_answers`: (greedy, sampled)."""
-    return policies_answers(
-        {"_": model_dir},
-        prompts,
-        max_new_tokens,
-        num_samples,
-        temperature,
-        seed,
-        batch_size,
-        prompt_format,
-        message_lists,
-        engine,
-        resources,
-    )["_"]
+    """One policy's `policies_answers` (the same keyword options): (greedy, sampled)."""
+    return policies_answers({"_": model_dir}, prompts, max_new_tokens, **options)["_"]
 
 
 def policies_answers(
