@@ -2,7 +2,7 @@
 
 `rl.rollout.backend: transformers` puts this engine in the rollout actor instead of vLLM's. It
 holds the policy's HF model (fp32 on CPU) and samples with `generate`; weights arrive by the
-same weight sync and load in place with `load_state_dict`. For small models on CPU it is the
+same weight sync and are copied into the model's tensors in place. For small models on CPU it is the
 faster engine: vLLM's scheduling and its in-place reload are a fixed cost per step that a model
 of a few million parameters does not pay back (`make bench`'s GRPO jobs).
 
