@@ -231,12 +231,14 @@ def _startup(
     """Where this worker's start-up went, in seconds: Ray Train's worker-group start (from the
     driver's `fit()` to this function; None after Ray Train re-created the group), then loading
     the data, building the model, building the engine and restoring a checkpoint. The first
-    step's own time is its `timing/step`. `resumed_step`: the checkpoint's step, or None."""
+    step's own time is its `timing/step`. `resumed_step`: the checkpoint's step, or None.
+    `process_group`: whether Ray Train formed a torch process group (not for one torch worker)."""
     names = ("setup_s", "data_s", "model_s", "engine_s", "resume_s")
     spans = [b - a for a, b in zip([entered, *marks], marks)]
     return {
         "engine": scfg.engine_backend,
         "workers": scfg.num_workers,
+        "process_group": torch.distributed.is_available() and torch.distributed.is_initialized(),
         "resumed_step": resumed,
         "launch_s": None if launched is None else round(entered - launched, 3),
         **{k: round(v, 3) for k, v in zip(names, spans)},

@@ -63,6 +63,7 @@ def test_one_worker_trains_on_the_torch_engine_and_resumes_to_the_uninterrupted_
     lines = [json.loads(x) for x in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     startup = next(x["data"] for x in lines if x.get("event") == "startup")
     assert startup["engine"] == "torch" and startup["workers"] == 1
+    assert startup["process_group"] is False  # one rank: Ray Train forms no torch process group
     assert startup["resumed_step"] is None
     assert startup["launch_s"] > 0 and startup["model_s"] > 0
     rows = [x for x in lines if "step" in x]

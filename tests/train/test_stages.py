@@ -91,6 +91,7 @@ def test_each_stage_trains_a_few_steps_and_exports_a_loadable_hf_checkpoint(
     (startup,) = [x["data"] for x in lines if x.get("event") == "startup"]
     two = stage in TWO_DEEPSPEED_WORKERS
     assert (startup["engine"], startup["workers"]) == (("deepspeed", 2) if two else ("torch", 1))
+    assert startup["process_group"] is two
     before, after = _weights(base_model), _weights(summary["model"])
     changed = [k for k in before if k in after and not torch.equal(before[k], after[k])]
     assert changed, "training changed no weight"
