@@ -4,7 +4,10 @@
 holds the policy's HF model (fp32 on CPU) and samples with `generate`; weights arrive by the
 same weight sync and are copied into the model's tensors in place. For small models on CPU it is the
 faster engine: vLLM's scheduling and its in-place reload are a fixed cost per step that a model
-of a few million parameters does not pay back (`make bench`'s GRPO jobs).
+of a few million parameters does not pay back (`make bench`'s GRPO jobs). With
+`rl.rollout.backend: policy` each policy actor samples from its own training module
+(`HFRolloutEngine.around`): no rollout actor, no weight copy, no Ray call between the phases'
+processes for the samples to cross.
 
     engine = HFRolloutEngine("runs/sft/model")
     samples = engine.generate([[2, 77, 78, 1, 4]], n=4, max_tokens=64, temperature=1.0, seed=0)
@@ -20,7 +23,8 @@ vLLM's for the same seed.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,27 +44,38 @@ class HFRolloutEngine:
     ) -> None:
         """`dtype=None` is float32 on CPU (parity with the trainer), bfloat16 on GPU.
         `max_batch_rows`: the most sequences one `generate` call decodes at once."""
-        from transformers import AutoModelForCausalLM, GenerationConfig
+        from transformers import AutoModelForCausalLM
 
         started = time.perf_counter()
         on_gpu = torch.cuda.is_available()
         torch_dtype = (
             getattr(torch, dtype) if dtype else (torch.bfloat16 if on_gpu else torch.float32)
         )
-        self.model = AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             str(model_path), dtype=torch_dtype, trust_remote_code=trust_remote_code
         ).eval()
         if on_gpu:
-            self.model.to("cuda")
-        eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.model.config.eos_token_id
-        self.eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        # `generate` fills what a call leaves unset from the model's generation config (EOS,
-        # top-k 50, repetition penalty, ...): every setting comes from `generate` here.
-        self.model.generation_config = GenerationConfig()
-        self.max_batch_rows = max_batch_rows
+            model.to("cuda")
+        self._attach(model, max_batch_rows)
         self.startup_s = time.perf_counter() - started
+
+    @classmethod
+    def around(cls, model: torch.nn.Module, max_batch_rows: int = 512) -> HFRolloutEngine:
+        """An engine sampling from `model` itself, e.g. the policy's training module
+        (`rl.rollout.backend: policy`): no copy, so it always runs the model's current weights.
+        The model is left as it was after every call (training mode, generation config)."""
+        engine = cls.__new__(cls)
+        engine._attach(model, max_batch_rows)
+        engine.startup_s = 0.0
+        return engine
+
+    def _attach(self, model: torch.nn.Module, max_batch_rows: int) -> None:
+        self.model = model
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = model.config.eos_token_id
+        self.eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self.max_batch_rows = max_batch_rows
         self.weights_version = 0
 
     @property
@@ -87,7 +102,7 @@ class HFRolloutEngine:
         stops += [t for t in stop_token_ids or [] if t not in stops]
         per_call = max(1, self.max_batch_rows // n)
         samples: list[Sample] = []
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), _inference_mode(self.model):
             if seed is not None:
                 torch.manual_seed(seed)
             for lo in range(0, len(prompt_token_ids), per_call):
@@ -167,6 +182,22 @@ class HFRolloutEngine:
 
     def shutdown(self) -> None:
         del self.model
+
+
+@contextmanager
+def _inference_mode(model: torch.nn.Module) -> Iterator[None]:
+    """`model` in eval mode with an empty generation config for the block (generate() fills
+    unset settings from the model's own: EOS, top-k 50, ...); both put back after it."""
+    from transformers import GenerationConfig
+
+    training, config = model.training, model.generation_config
+    model.eval()
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = config
+        model.train(training)
 
 
 def _sample(

@@ -191,6 +191,34 @@ class PolicyActor(_Trained):
             self.ptx_rows, _, _ = prepare_sft(ptx_cfg, model_path, seed=cfg.run.seed)
             self._start_ptx(0)
         self.weight_sender = None
+        self.rollout = None
+        if rl.generates_in_policy:  # rollout.backend='policy': this actor is an engine too
+            from actors.hf_rollout import HFRolloutEngine
+
+            self.rollout = HFRolloutEngine.around(self.engine.module)
+
+    def generate(
+        self,
+        prompt_token_ids: list[list[int]],
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> tuple[list, float]:
+        """rollout.backend='policy': samples from the current training weights, stamped with
+        the version `set_rollout_version` gave (the rollout actor's `generate`)."""
+        from actors.rollout import timed_generate
+
+        return timed_generate(
+            self.rollout, prompt_token_ids, n, max_tokens, temperature, top_p, seed
+        )
+
+    def set_rollout_version(self, version: int) -> int:
+        """The version the samples of the weights as they are now carry (the driver's count of
+        updates: a sync without a copy)."""
+        self.rollout.weights_version = version
+        return version
 
     def _start_ptx(self, drawn: int) -> None:
         """The PPO-ptx stream positioned after `drawn` batches (a resumed run continues it)."""

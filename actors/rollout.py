@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -257,6 +258,24 @@ def _check_fused_groups_whole(names: set[str]) -> None:
 # ---- the Ray actor ---------------------------------------------------------------------------------
 
 
+def timed_generate(
+    engine: Any,
+    prompts: list[list[int]],
+    n: int,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+) -> tuple[list[Sample], float]:
+    """(the engine's samples, its seconds): what an engine actor's `generate` returns to the
+    dispatcher (`rlhf/rl/dispatch.py`)."""
+    t0 = time.perf_counter()
+    samples = engine.generate(
+        prompts, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
+    )
+    return samples, time.perf_counter() - t0
+
+
 class RolloutActor:
     """One rollout engine as a Ray actor (thin: `RolloutEngine` does the work, or with
     `rl.rollout.backend: transformers` the `HFRolloutEngine` of actors/hf_rollout.py).
@@ -314,16 +333,9 @@ class RolloutActor:
         seed: int | None,
     ) -> tuple[list[Sample], float]:
         """Samples, and the seconds the engine spent generating them."""
-        t0 = time.perf_counter()
-        samples = self.engine.generate(
-            prompt_token_ids,
-            n=n,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
+        return timed_generate(
+            self.engine, prompt_token_ids, n, max_tokens, temperature, top_p, seed
         )
-        return samples, time.perf_counter() - t0
 
     def load_weights(self, buckets: list, version: int) -> dict[str, float]:
         """New weights from the object store: `buckets` is policy rank 0's [(entries, ObjectRef)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+from functools import reduce
 from pathlib import Path
 from typing import Any, Literal
 
@@ -378,10 +379,12 @@ class TrainRoleConfig(RoleConfig):
 
 
 class RolloutConfig(Section):
-    backend: Literal["vllm", "transformers"] = Field(
+    backend: Literal["vllm", "transformers", "policy"] = Field(
         "vllm",
-        description="vllm, or transformers' generate in the rollout actor (actors/hf_rollout.py: "
-        "faster for models of a few million parameters on CPU; no tensor parallelism).",
+        description="vllm; transformers: transformers' generate in the rollout actor "
+        "(actors/hf_rollout.py: faster for models of a few million parameters on CPU; no tensor "
+        "parallelism); policy: the same generate inside each policy actor, from its training "
+        "weights (no rollout actor, no weight copy; ZeRO 0-2, synchronous).",
     )
     num_engines: int = Field(1, ge=1, description="Rollout engines (RolloutActors).")
     cpus_per_engine: float = Field(0.5, gt=0, description="CPUs per engine (a Ray resource).")
@@ -550,7 +553,12 @@ class RLConfig(Section):
     @property
     def uses_broadcast_sync(self) -> bool:
         """The bucketed broadcast (gloo or NCCL: one protocol) rather than the object store."""
-        return self.weight_sync_backend != "object_store"
+        return not self.generates_in_policy and self.weight_sync_backend != "object_store"
+
+    @property
+    def generates_in_policy(self) -> bool:
+        """rollout.backend='policy': the policy's actors sample; no rollout role, no weight copy."""
+        return self.rollout.backend == "policy"
 
     @property
     def kl_as_reward(self) -> bool:
@@ -589,7 +597,9 @@ class RLConfig(Section):
 
     def roles(self) -> list[str]:
         """The roles this algorithm, KL setting and reward source need."""
-        roles = ["policy", *(["reference"] if self.needs_reference else []), "rollout"]
+        roles = ["policy", *(["reference"] if self.needs_reference else [])]
+        if not self.generates_in_policy:
+            roles.append("rollout")
         if self.algorithm == "ppo":
             roles.append("critic")
         if self.reward.kind == "model":
@@ -667,11 +677,13 @@ class RLConfig(Section):
                 "join two ranks on one GPU; use weight_sync='object_store' (or 'auto')"
             )
         tp = self.rollout.tensor_parallel_size
-        if tp > 1 and self.rollout.backend == "transformers":
+        if tp > 1 and self.rollout.backend != "vllm":
             raise ValueError(
-                f"rollout.tensor_parallel_size={tp} with rollout.backend='transformers': only vLLM "
-                "shards an engine; set rollout.backend='vllm' or tensor_parallel_size=1"
+                f"rollout.tensor_parallel_size={tp} with rollout.backend={self.rollout.backend!r}: "
+                "only vLLM shards an engine; set rollout.backend='vllm' or tensor_parallel_size=1"
             )
+        if self.generates_in_policy:
+            self._check_generates_in_policy()
         if tp > 1 and self.rollout.gpus_per_engine != 1:
             raise ValueError(
                 f"rollout.tensor_parallel_size={tp} shards an engine over {tp} whole GPUs: "
@@ -708,6 +720,33 @@ class RLConfig(Section):
         if isinstance(self.colocate_cpus, float) and self.colocate_cpus <= 0:
             raise ValueError(f"colocate_cpus={self.colocate_cpus} must be > 0 (or 'all')")
         return self
+
+    def _check_generates_in_policy(self) -> None:
+        """rollout.backend='policy' needs whole weights in each policy actor and no engines."""
+        why = {
+            "policy.zero_stage": (
+                self.policy.zero_stage == 3,
+                "ZeRO-3 shards the weights over the ranks; use 0-2",
+            ),
+            "max_staleness": (
+                self.max_staleness > 0,
+                "the policy cannot generate ahead while it trains; use 0",
+            ),
+            "rollout.num_engines": (
+                self.rollout.num_engines != 1,
+                "the policy's actors are the engines; leave it at 1",
+            ),
+            "rollout.weight_sync": (
+                self.rollout.weight_sync in ("gloo", "nccl"),
+                "no weights are sent; leave it at 'auto'",
+            ),
+        }
+        for key, (bad, fix) in why.items():
+            if bad:
+                raise ValueError(
+                    f"rollout.backend='policy' with {key}={reduce(getattr, key.split('.'), self)!r}: {fix} "
+                    "(or set rollout.backend to 'transformers' or 'vllm')"
+                )
 
     def _count(self, role: str) -> int:
         return self.rollout.num_engines if role == "rollout" else getattr(self, role).num_actors
@@ -753,7 +792,7 @@ class RLConfig(Section):
         """Engines that share the policy's GPUs sleep (vLLM sleep mode: weights offloaded, KV
         cache freed) while the policy trains, and wake for the weight sync and generation."""
         on_gpu = self.rollout.gpus_per_engine > 0 and self.policy.gpus_per_actor > 0
-        return on_gpu and self._rollout_on_policy_gpus
+        return on_gpu and self._rollout_on_policy_gpus and not self.generates_in_policy
 
     def resource_requests(self, cluster_cpus: float | None = None) -> dict[str, dict[str, float]]:
         """Role -> total CPU/GPU it reserves (a colocated role rides on its group's first role,

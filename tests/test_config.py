@@ -219,3 +219,24 @@ def test_a_tensor_parallel_engine_holds_whole_gpus_and_cpu_engines_cannot_shard(
             None,
             [*GPU_RL, "rl.rollout.tensor_parallel_size=2", "rl.rollout.backend=transformers"],
         )
+
+
+def test_generating_in_the_policy_drops_the_rollout_role_and_refuses_what_it_cannot_do():
+    base = ["run.stages=[]", "rl.rollout.backend=policy"]
+    cfg = load_config(None, [*base, "rl.colocate=[[policy, reference, rollout]]"])
+    assert "rollout" not in cfg.rl.roles() and cfg.rl.generates_in_policy
+    assert cfg.rl.colocated_groups() == [["policy", "reference"]]
+    assert "rollout" not in cfg.rl.resource_requests(2.0)
+    assert not cfg.rl.uses_broadcast_sync
+    assert "rollout" in load_config(None, ["run.stages=[]"]).rl.roles()
+    refused = {
+        "rl.policy.zero_stage=3": r"policy.zero_stage=3: ZeRO-3 shards",
+        "rl.max_staleness=1": r"max_staleness=1: the policy cannot generate ahead",
+        "rl.rollout.num_engines=2": r"rollout.num_engines=2: the policy's actors are the engines",
+        "rl.rollout.weight_sync=gloo": r"rollout.weight_sync='gloo': no weights are sent",
+        "rl.rollout.tensor_parallel_size=2": r"backend='policy': only vLLM shards",
+    }
+    for override, message in refused.items():
+        extra = ["rl.truncated_is_cap=2", "rl.colocate=[]"] if "staleness" in override else []
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [*base, override, *extra])

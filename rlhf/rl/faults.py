@@ -82,7 +82,7 @@ def recover(run: Any, exc: BaseException, snapshot: tuple, attempts: int) -> int
         run.restarts += 1
         where += ", advantage helper"
     run.prompt_cursor, run.version, run.kl.value = snapshot
-    run.dispatcher.engines = run.groups["rollout"].actors
+    run.dispatcher.engines = run.engine_actors()
     if "rollout" in dead:
         if rl.uses_broadcast_sync:
             run.init_weight_broadcast()
@@ -106,7 +106,7 @@ def resync_after_train(run: Any, exc: BaseException) -> None:
     t0 = time.perf_counter()
     run.groups["rollout"].restart(dead["rollout"])
     run.restarts += len(dead["rollout"])
-    run.dispatcher.engines = run.groups["rollout"].actors
+    run.dispatcher.engines = run.engine_actors()
     if run.rl.uses_broadcast_sync:
         run.init_weight_broadcast()
     run.push_weights()
@@ -131,7 +131,7 @@ def _restore_trained(run: Any, dead: dict, where: str, exc: BaseException) -> in
         if role in FROZEN_ROLES:
             run.groups[role].restart(ranks if role == "rollout" else None)
             run.restarts += len(ranks)
-    run.dispatcher.engines = run.groups["rollout"].actors
+    run.dispatcher.engines = run.engine_actors()
     if run.rl.uses_broadcast_sync:
         run.init_weight_broadcast()
     path = ck.newest(run.stage_dir / "checkpoints")

@@ -130,6 +130,11 @@ class ActorLayout:
                 actor_kwargs={"cfg": self.cfg, "model_path": paths[role]},
             )
 
+    def engine_actors(self) -> list:
+        """The actors that generate: the rollout engines, or with rollout.backend='policy' the
+        policy's own actors."""
+        return self.groups["policy" if self.rl.generates_in_policy else "rollout"].actors
+
     def init_weight_broadcast(self) -> None:
         """A fresh weight-sync group (gloo or NCCL): policy rank 0 as member 0 and the host of
         its TCP store (a new port on its node), engine i as member 1 + i. All join at once."""

@@ -172,7 +172,7 @@ class RLRun(ActorLayout, RolloutPhase):
         )
         from rlhf.rl.dispatch import RolloutDispatcher
 
-        self.dispatcher = RolloutDispatcher(self.groups["rollout"].actors)
+        self.dispatcher = RolloutDispatcher(self.engine_actors())
         self.helper = AdvantageWorker.remote()
         self.version = 0  # weight updates the engines have received
         self.steps_done = 0  # RL steps finished (the checkpointed step)
@@ -320,9 +320,12 @@ class RLRun(ActorLayout, RolloutPhase):
         """The policy's weights into every engine as `self.version`, in buckets of
         `rl.rollout.weight_bucket_mb`; afterwards all report it. `sync_stats` gets the seconds of
         each part (`weight_sync/...`)."""
-        policy, engines = self.groups["policy"], self.groups["rollout"].actors
+        policy, engines = self.groups["policy"], self.engine_actors()
         bucket_bytes = int(self.rl.rollout.weight_bucket_mb * 2**20)
-        if self.rl.uses_broadcast_sync:  # every policy rank gathers, rank 0 broadcasts buckets
+        if self.rl.generates_in_policy:  # the engines sample from the trained weights
+            versions = ray.get(policy.call_async("set_rollout_version", self.version))
+            self.reload_s, self.sync_stats = 0.0, {}
+        elif self.rl.uses_broadcast_sync:  # every policy rank gathers, rank 0 broadcasts buckets
             sent = policy.call_async("send_weights", bucket_bytes)
             got = [e.receive_weights.remote(self.version) for e in engines]
             self.sync_stats = ray.get(sent)[0]

@@ -95,3 +95,26 @@ def test_weights_pushed_in_place_are_the_ones_it_samples_with(engine, tiny_dir):
     with pytest.raises(ValueError, match="the model has no"):
         engine.update_weights([("no.such.weight", torch.zeros(1))])
     engine.update_weights(_model(tiny_dir).state_dict().items(), version=8)  # as loaded
+
+
+def test_an_engine_around_a_training_module_samples_from_it_and_leaves_it_as_it_was(
+    engine, tiny_dir
+):
+    """`HFRolloutEngine.around` (rollout.backend='policy'): the same samples as an engine that
+    loaded the same weights, and the module keeps its training mode and generation config (a
+    checkpoint saved later writes that config)."""
+    model = load_causal_lm(tiny_dir).train()
+    model.generation_config.top_k = 50  # a default that must not leak into sampling
+    around = HFRolloutEngine.around(model)
+    for temperature, seed, n in ((0.0, None, 1), (1.3, 11, 3)):
+        got = around.generate(PROMPTS, n=n, max_tokens=8, temperature=temperature, seed=seed)
+        want = engine.generate(PROMPTS, n=n, max_tokens=8, temperature=temperature, seed=seed)
+        assert [s.token_ids for s in got] == [s.token_ids for s in want]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs))
+    assert model.training and model.generation_config.top_k == 50
+    with torch.no_grad():  # no copy: what the module holds now is what it samples with
+        model.lm_head.weight.zero_()  # every logit 0: a uniform distribution
+    (sample,) = around.generate(PROMPTS[:1], max_tokens=3, temperature=1.0, ignore_eos=True)
+    uniform = -torch.log(torch.tensor(float(model.config.vocab_size)))
+    torch.testing.assert_close(torch.tensor(sample.logprobs), uniform.expand(3))

@@ -203,3 +203,41 @@ def test_rl_survives_killed_engine_reward_model_and_policy_rank(tmp_path, tiny_d
     assert run.restarts >= 3 and metrics["fault/restarts"] == run.restarts
     assert _steps(run.stage_dir / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
     assert run.version == 6
+
+
+def test_a_killed_policy_that_generates_is_restored_and_samples_again(
+    tmp_path, tiny_dir, ray_cluster
+):
+    """rollout.backend='policy': the policy's actor is also the engine. SIGKILL it mid-run: it
+    is re-created from the newest checkpoint, the dispatcher samples from the new actor, and its
+    samples carry the driver's version to the end."""
+    _wait_for(_cpus_free, 120, "free CPUs")
+    cfg = rl_config(
+        tmp_path,
+        "rl.algorithm=grpo",
+        "rl.rollout.backend=policy",
+        "rl.max_steps=4",
+        "rl.save_interval=2",
+        "rl.eval_interval=100",
+    )
+    run = RLRun(cfg, str(tiny_dir), reward_model_dir=None)
+    writer = MetricsWriter(run.stage_dir, resume_step=-1)
+    pid = _pid(run.groups["policy"].actors[0])
+    thread, done = train_in_thread(run, writer)
+    try:
+        thread.start()
+        _wait_for(lambda: run.steps_done >= 2 or not thread.is_alive(), 600, "step 2")
+        os.kill(pid, signal.SIGKILL)
+        thread.join(timeout=600)
+        assert not thread.is_alive()
+        if "error" in done:
+            raise done["error"]
+        (policy,) = run.groups["policy"].actors
+        assert _pid(policy) != pid and run.dispatcher.engines == [policy]
+        samples, _ = ray.get(policy.generate.remote([[2, 6, 7, 1, 4]], 2, 4, 1.0, 1.0, 0))
+        assert [s.weights_version for s in samples] == [4, 4]
+    finally:
+        writer.close()
+        run.shutdown()
+    assert run.steps_done == 4 and run.restores == 1
+    assert _steps(run.stage_dir / "metrics.jsonl") == [1, 2, 3, 4]

@@ -247,6 +247,38 @@ def test_the_transformers_rollout_backend_follows_the_policy(tmp_path, tiny_dir,
         run.shutdown()
 
 
+def test_the_policy_backend_samples_in_the_policys_actor_from_its_training_weights(
+    tmp_path, tiny_dir, ray_cluster
+):
+    """GRPO with `rl.rollout.backend=policy`: no rollout actor; every step's samples come from
+    the policy's current weights (the on-policy update's forward finds no gap at full lr) and
+    carry the driver's version; the saved policy keeps its generation config."""
+    from transformers import GenerationConfig
+
+    cfg = rl_config(
+        tmp_path,
+        "rl.algorithm=grpo",
+        "rl.rollout.backend=policy",
+        "rl.kl_in_reward=false",
+        "rl.policy.warmup_steps=0",
+        "rl.entropy_coef=0.05",  # a random model earns no reward: this moves it
+    )
+    run = RLRun(cfg, str(tiny_dir), reward_model_dir=None)
+    try:
+        assert "rollout" not in run.groups
+        (policy,) = run.groups["policy"].actors
+        steps = [run.step(step) for step in range(3)]
+        assert all(m["rollout/logprob_gap"] < 1e-4 for m in steps), steps
+        assert steps[-1]["policy/version"] == run.version == 3
+        samples, _ = ray.get(policy.generate.remote([[2, 6, 7, 1, 4]], 2, 4, 1.0, 1.0, 0))
+        assert [s.weights_version for s in samples] == [3, 3]
+        ray.get(policy.save.remote(str(tmp_path / "saved")))
+    finally:
+        run.shutdown()
+    saved = GenerationConfig.from_pretrained(tmp_path / "saved")
+    assert saved.to_dict() == GenerationConfig.from_pretrained(tiny_dir).to_dict()
+
+
 def test_run_rl_saves_a_loadable_policy(tmp_path, tiny_dir, ray_cluster):
     from transformers import AutoModelForCausalLM
 
