@@ -13,7 +13,7 @@ subprocess of rlhf/bench_trl.py; ours runs in this process through the Python AP
 `ensure_tiny_model`; both sides load that folder in fp32. GRPO: `PROMPTS_PER_STEP` prompts x
 `SAMPLES_PER_PROMPT` samples per step, one update per step, KL coefficient `KL_COEF` (k3, as a
 loss), reward `digit_match` of rlhf/rl/rewards.py on both sides; our rollout engine is the job's
-(`Job.rollout`: vLLM, or transformers' generate in the rollout actor; TRL uses transformers'); the prompts are rendered by our
+(`Job.rollout`: vLLM, transformers' generate in a rollout actor, or the same in the policy's actor; TRL uses transformers'); the prompts are rendered by our
 code and TRL checks that its tokenizer gives the same ids. SFT: batch `SFT_BATCH` of our
 tokenized rows of configs/tiny_cpu.yaml's SFT data. The first `--warmup` steps of each side are
 dropped; the median of the rest is reported. Start-up is reported apart: ours from the stage call
@@ -69,11 +69,13 @@ class Job:
 JOBS = {
     j.name: j
     for j in (
-        # Our rollout engine per job, the faster of the two for it (`rl.rollout.backend`; our
-        # GRPO stage alone, 2026-12-02): transformers 0.095-0.113 vs vLLM 0.144-0.146 s a step at
-        # 0.4M; 1.26 vs 1.43 s at 25.6M / 6 tokens; 5.76 vs 5.42 s at 25.6M / 48 tokens.
-        Job("grpo", "0.4M", 6, rollout="transformers"),
-        Job("grpo", "25M", 6, rollout="transformers"),
+        # Our rollout engine per job, the fastest for it (`rl.rollout.backend`; our GRPO stage
+        # alone, 2026-12-02): transformers 0.095-0.113 vs vLLM 0.144-0.146 s a step at 0.4M;
+        # 1.26 vs 1.43 s at 25.6M / 6 tokens; 5.76 vs 5.42 s at 25.6M / 48 tokens. Then, in the
+        # policy's own actor vs the transformers actor: 0.4M 0.072-0.075 vs 0.088-0.092 s, 25.6M
+        # / 6 tokens 0.93-0.94 vs 0.96-0.99 s; 25.6M / 48 tokens 4.66 vs vLLM's 4.42 s.
+        Job("grpo", "0.4M", 6, rollout="policy"),
+        Job("grpo", "25M", 6, rollout="policy"),
         Job("grpo", "25M", 48, rollout="vllm"),
         Job("sft", "0.4M"),
         Job("sft", "25M"),

@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.e2e]
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = [
+    "rl.rollout.backend=vllm",  # the demo samples in the policy's actor; these tests run engines
     "model.tiny.hidden_size=64",
     "model.tiny.num_layers=2",
     "model.tiny.num_heads=2",
