@@ -159,6 +159,7 @@ RL_GPU = [
     "rl.critic.num_actors=2",
     "rl.critic.gpus_per_actor=1",
     "rl.reference.gpus_per_actor=1",
+    "rl.rollout.backend=vllm",  # the CPU demo config samples in the policy's actor
     "rl.rollout.num_engines=3",
     "rl.rollout.gpus_per_engine=1",
     "rl.rollout.cpus_per_engine=2.5",
