@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from actors.rollout import Generates
 from rlhf.config import Config, RoleConfig, TrainRoleConfig
 
 
@@ -159,8 +160,9 @@ def _optimizer_steps(rl: Any, rl_steps: int | None = None) -> int:
     return rl_steps * rl.ppo_epochs * (rl.rollout_batch_size // rl.mini_batch_size)
 
 
-class PolicyActor(_Trained):
-    """The trained policy: logprobs, PPO updates, weights for the rollout engines."""
+class PolicyActor(_Trained, Generates):
+    """The trained policy: logprobs, PPO updates, weights for the rollout engines; with
+    rollout.backend='policy' the rollout engine itself (`generate`, from its training module)."""
 
     def __init__(self, cfg: Config, model_path: str) -> None:
         from rlhf.models.factory import load_trainable_lm
@@ -191,33 +193,16 @@ class PolicyActor(_Trained):
             self.ptx_rows, _, _ = prepare_sft(ptx_cfg, model_path, seed=cfg.run.seed)
             self._start_ptx(0)
         self.weight_sender = None
-        self.rollout = None
-        if rl.generates_in_policy:  # rollout.backend='policy': this actor is an engine too
+        self.sampler = None  # `generate` (actors.rollout.Generates) with rollout.backend='policy'
+        if rl.generates_in_policy:  # this actor is the rollout engine too
             from actors.hf_rollout import HFRolloutEngine
 
-            self.rollout = HFRolloutEngine.around(self.engine.module)
-
-    def generate(
-        self,
-        prompt_token_ids: list[list[int]],
-        n: int,
-        max_tokens: int,
-        temperature: float,
-        top_p: float,
-        seed: int | None,
-    ) -> tuple[list, float]:
-        """rollout.backend='policy': samples from the current training weights, stamped with
-        the version `set_rollout_version` gave (the rollout actor's `generate`)."""
-        from actors.rollout import timed_generate
-
-        return timed_generate(
-            self.rollout, prompt_token_ids, n, max_tokens, temperature, top_p, seed
-        )
+            self.sampler = HFRolloutEngine.around(self.engine.module)
 
     def set_rollout_version(self, version: int) -> int:
         """The version the samples of the weights as they are now carry (the driver's count of
         updates: a sync without a copy)."""
-        self.rollout.weights_version = version
+        self.sampler.weights_version = version
         return version
 
     def _start_ptx(self, drawn: int) -> None:

@@ -258,25 +258,35 @@ def _check_fused_groups_whole(names: set[str]) -> None:
 # ---- the Ray actor ---------------------------------------------------------------------------------
 
 
-def timed_generate(
-    engine: Any,
-    prompts: list[list[int]],
-    n: int,
-    max_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int | None,
-) -> tuple[list[Sample], float]:
-    """(the engine's samples, its seconds): what an engine actor's `generate` returns to the
-    dispatcher (`rlhf/rl/dispatch.py`)."""
-    t0 = time.perf_counter()
-    samples = engine.generate(
-        prompts, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
-    )
-    return samples, time.perf_counter() - t0
+class Generates:
+    """What the dispatcher (`rlhf/rl/dispatch.py`) calls on an actor that samples: a rollout
+    actor, or a policy actor with rollout.backend='policy'. `self.sampler` is its engine."""
+
+    sampler: Any
+
+    def generate(
+        self,
+        prompt_token_ids: list[list[int]],
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> tuple[list[Sample], float]:
+        """Samples, and the seconds the engine spent generating them."""
+        t0 = time.perf_counter()
+        samples = self.sampler.generate(
+            prompt_token_ids,
+            n=n,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
+        return samples, time.perf_counter() - t0
 
 
-class RolloutActor:
+class RolloutActor(Generates):
     """One rollout engine as a Ray actor (thin: `RolloutEngine` does the work, or with
     `rl.rollout.backend: transformers` the `HFRolloutEngine` of actors/hf_rollout.py).
 
@@ -317,25 +327,12 @@ class RolloutActor:
 
             idle_gloo_loops()
         self.index = engine_index
+        self.sampler = self.engine
 
     def sleep(self) -> bool:
         """Free the GPU for a colocated policy's training (`RolloutEngine.sleep`); False where
         there is no sleep mode (CPU, or an engine not colocated with the policy)."""
         return self.engine.sleep()
-
-    def generate(
-        self,
-        prompt_token_ids: list[list[int]],
-        n: int,
-        max_tokens: int,
-        temperature: float,
-        top_p: float,
-        seed: int | None,
-    ) -> tuple[list[Sample], float]:
-        """Samples, and the seconds the engine spent generating them."""
-        return timed_generate(
-            self.engine, prompt_token_ids, n, max_tokens, temperature, top_p, seed
-        )
 
     def load_weights(self, buckets: list, version: int) -> dict[str, float]:
         """New weights from the object store: `buckets` is policy rank 0's [(entries, ObjectRef)]

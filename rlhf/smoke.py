@@ -53,6 +53,7 @@ def smoke_overrides(model: str | None, out_dir: str) -> list[str]:
         "rl.critic.gpus_per_actor=0.25",
         "rl.critic.micro_batch_size=8",
         "rl.critic.warmup_steps=1",
+        "rl.rollout.backend=vllm",  # the CPU demo samples in the policy's actor
         "rl.rollout.gpus_per_engine=0.3",
         "rl.rollout.gpu_memory_utilization=0.3",
         "rl.rollout.kv_cache_gb=1",

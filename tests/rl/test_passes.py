@@ -34,7 +34,12 @@ ON_POLICY = [
 def test_the_reference_is_left_out_only_when_nothing_reads_it():
     from rlhf.kuberay import worker_groups
 
-    apart = ["run.stages=[rl]", "rl.colocate=[]", "rl.colocate_cpus=null"]  # a group per role
+    apart = [  # a group per role, the rollout engines' among them
+        "run.stages=[rl]",
+        "rl.colocate=[]",
+        "rl.colocate_cpus=null",
+        "rl.rollout.backend=vllm",
+    ]
 
     def rl(*extra):
         return load_config(REPO / "configs/tiny_cpu.yaml", [*apart, *extra]).rl
