@@ -33,6 +33,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TypeDecorator,
     create_engine,
     event,
     insert,
@@ -44,6 +45,28 @@ from rlhf.serve.protocol import Feedback
 
 metadata = MetaData()
 
+_JSON_MARK = "\x1bjson:"  # starts a value stored as JSON (see _TextKeepingNul)
+
+
+class _TextKeepingNul(TypeDecorator):
+    """Text that may hold NUL characters, which PostgreSQL refuses in text columns (a byte-level
+    model can answer one). Such a value, or one that starts with the mark, is stored as the mark
+    plus its JSON (which escapes NUL); every other value, old rows included, as it is."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Any) -> str | None:
+        if value is not None and ("\x00" in value or value.startswith(_JSON_MARK)):
+            return _JSON_MARK + json.dumps(value)
+        return value
+
+    def process_result_value(self, value: str | None, dialect: Any) -> str | None:
+        if value is not None and value.startswith(_JSON_MARK):
+            return json.loads(value[len(_JSON_MARK) :])
+        return value
+
+
 responses = Table(
     "responses",
     metadata,
@@ -53,7 +76,7 @@ responses = Table(
     Column("endpoint", String(16), nullable=False),  # chat | completion
     Column("prompt", Text, nullable=False),  # JSON: chat turns or the completion's text
     Column("prompt_key", String(64), nullable=False, index=True),
-    Column("answer", Text, nullable=False),
+    Column("answer", _TextKeepingNul, nullable=False),
     Column("finish_reason", String(16), nullable=False),
     Column("completion_tokens", Integer, nullable=False),
     Column("params", Text, nullable=False),  # JSON: max_tokens, temperature, top_p, seed

@@ -73,3 +73,15 @@ def test_concurrent_writers_lose_no_row(store):
     assert {fb.id for fb in store.all_feedback()} == {
         f"w{w}-{i}" for w in range(8) for i in range(40)
     }
+
+
+def test_answers_holding_nul_characters_are_stored_and_read_back_unchanged(store):
+    """A byte-level model can answer a NUL, which PostgreSQL refuses in text: such an answer
+    (and one that looks like the store's own escape) comes back exactly as served."""
+    texts = {"r1": "4\x006", "r2": '\x1bjson:"x"', "r3": "46"}
+    for rid, text_ in texts.items():
+        store.log_response(answer(rid, text_=text_))
+    assert {r["id"]: r["answer"] for r in store.all_responses()} == texts
+    with store.engine.connect() as conn:  # a plain answer is stored as it is
+        plain = conn.execute(text("SELECT answer FROM responses WHERE id = 'r3'")).scalar()
+    assert plain == "46"
