@@ -40,8 +40,8 @@ GLOO_GROUP = """
 import json, os, torch.distributed as dist
 from rlhf.process_tuning import GLOO_LOOP_THREAD, idle_gloo_loops, threads_named
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["PORT"], rank=0, world_size=1)
+idled = idle_gloo_loops()  # waits for the loop threads to name themselves (late under load)
 loops = threads_named(GLOO_LOOP_THREAD)
-idled = idle_gloo_loops()
 policies = {tid: os.sched_getscheduler(tid) for tid in loops}
 dist.all_reduce(__import__("torch").ones(3))  # the group still works
 print(json.dumps({"loops": len(loops), "idled": idled,
