@@ -35,11 +35,12 @@ DEMO_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 LARGE = dict(hidden_size=768, num_layers=8, num_heads=12, num_kv_heads=12, intermediate_size=2048)
 # ~103M parameters: the issue's "~100M" point for vLLM against transformers' generate.
 XL = dict(hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=16, intermediate_size=2816)
+FIXED_SIZES = {"large": LARGE, "xl": XL}
 
 
 def _size(name: str) -> dict:
-    if name in ("large", "xl"):
-        return dict(LARGE if name == "large" else XL)
+    if name in FIXED_SIZES:
+        return dict(FIXED_SIZES[name])
     from rlhf.config import load_config
 
     return load_config(DEMO_CONFIG, ["run.stages=[]"]).model.tiny.model_dump()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from functools import reduce
 from pathlib import Path
 from typing import Any, Literal
 
@@ -548,7 +547,8 @@ class RLConfig(Section):
 
     @property
     def _rollout_on_policy_gpus(self) -> bool:
-        return any("rollout" in g and "policy" in g for g in self.colocate)
+        """Engines started on the policy's bundles (none start with rollout.backend='policy')."""
+        return any("rollout" in g and "policy" in g for g in self.colocated_groups())
 
     @property
     def uses_broadcast_sync(self) -> bool:
@@ -723,28 +723,36 @@ class RLConfig(Section):
 
     def _check_generates_in_policy(self) -> None:
         """rollout.backend='policy' needs whole weights in each policy actor and no engines."""
-        why = {
-            "policy.zero_stage": (
+        checks = (
+            (
+                "policy.zero_stage",
+                self.policy.zero_stage,
                 self.policy.zero_stage == 3,
                 "ZeRO-3 shards the weights over the ranks; use 0-2",
             ),
-            "max_staleness": (
+            (
+                "max_staleness",
+                self.max_staleness,
                 self.max_staleness > 0,
                 "the policy cannot generate ahead while it trains; use 0",
             ),
-            "rollout.num_engines": (
+            (
+                "rollout.num_engines",
+                self.rollout.num_engines,
                 self.rollout.num_engines != 1,
                 "the policy's actors are the engines; leave it at 1",
             ),
-            "rollout.weight_sync": (
+            (
+                "rollout.weight_sync",
+                self.rollout.weight_sync,
                 self.rollout.weight_sync in ("gloo", "nccl"),
                 "no weights are sent; leave it at 'auto'",
             ),
-        }
-        for key, (bad, fix) in why.items():
+        )
+        for key, value, bad, fix in checks:
             if bad:
                 raise ValueError(
-                    f"rollout.backend='policy' with {key}={reduce(getattr, key.split('.'), self)!r}: {fix} "
+                    f"rollout.backend='policy' with {key}={value!r}: {fix} "
                     "(or set rollout.backend to 'transformers' or 'vllm')"
                 )
 
@@ -792,7 +800,7 @@ class RLConfig(Section):
         """Engines that share the policy's GPUs sleep (vLLM sleep mode: weights offloaded, KV
         cache freed) while the policy trains, and wake for the weight sync and generation."""
         on_gpu = self.rollout.gpus_per_engine > 0 and self.policy.gpus_per_actor > 0
-        return on_gpu and self._rollout_on_policy_gpus and not self.generates_in_policy
+        return on_gpu and self._rollout_on_policy_gpus
 
     def resource_requests(self, cluster_cpus: float | None = None) -> dict[str, dict[str, float]]:
         """Role -> total CPU/GPU it reserves (a colocated role rides on its group's first role,

@@ -229,6 +229,13 @@ def test_generating_in_the_policy_drops_the_rollout_role_and_refuses_what_it_can
     assert "rollout" not in cfg.rl.resource_requests(2.0)
     assert not cfg.rl.uses_broadcast_sync
     assert "rollout" in load_config(None, ["run.stages=[]"]).rl.roles()
+    shared = [  # on GPU a colocated engine would sleep while the policy trains; here none starts
+        "rl.policy.gpus_per_actor=0.5",
+        "rl.rollout.gpus_per_engine=0.5",
+        "rl.colocate=[[policy, rollout]]",
+    ]
+    assert load_config(None, [*GPU_RL, *shared]).rl.engines_sleep
+    assert not load_config(None, [*base, *GPU_RL[1:], *shared]).rl.engines_sleep
     refused = {
         "rl.policy.zero_stage=3": r"policy.zero_stage=3: ZeRO-3 shards",
         "rl.max_staleness=1": r"max_staleness=1: the policy cannot generate ahead",
