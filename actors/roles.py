@@ -37,10 +37,9 @@ class _Rank:
             # time), so whoever computes gets every core. Set once: nothing else in this process
             # changes it, and it holds for every phase method.
             from actors.group import bundle_threads
-            from rlhf.process_tuning import retain_freed_memory
+            from rlhf.process_tuning import tune_cpu_compute
 
-            torch.set_num_threads(bundle_threads(role.cpus_per_actor))
-            retain_freed_memory()
+            tune_cpu_compute(bundle_threads(role.cpus_per_actor))
         if not dist.is_initialized():
             address = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
             dist.init_process_group(

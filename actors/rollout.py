@@ -302,10 +302,10 @@ class RolloutActor(Generates):
         on_gpu = rc.gpus_per_engine > 0 and torch.cuda.is_available()
         if not on_gpu:  # the whole bundle (colocated roles take turns on it); see the docstring
             from actors.group import bundle_threads
-            from rlhf.process_tuning import retain_freed_memory
+            from rlhf.process_tuning import tune_cpu_compute
 
-            torch.set_num_threads(bundle_threads(rc.cpus_per_engine))
-            retain_freed_memory()
+            # vLLM's CPU kernels are its own (and its compiled graphs read torch's precision).
+            tune_cpu_compute(bundle_threads(rc.cpus_per_engine), matmul=rc.backend != "vllm")
         if rc.backend == "transformers":
             from actors.hf_rollout import HFRolloutEngine
 

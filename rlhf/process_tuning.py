@@ -1,8 +1,8 @@
 """Per-process settings of the processes that compute (RL role actors, rollout engines, Ray Train
 workers) on machines where phases take turns on the same cores.
 
-    from rlhf.process_tuning import retain_freed_memory, idle_gloo_loops
-    retain_freed_memory()      # once, early: freed tensors' memory stays in the process
+    from rlhf.process_tuning import tune_cpu_compute, idle_gloo_loops
+    tune_cpu_compute(threads)  # once, early: threads, freed memory kept, fp32 matmuls on oneDNN
     idle_gloo_loops()          # after every torch.distributed group of one member is created
 
 `retain_freed_memory`: glibc's malloc hands a freed block back to the kernel once the free top of
@@ -12,6 +12,15 @@ page-faults its activations in again every step: ~70,000 faults per reference fo
 parameters. Fixed thresholds (blocks up to 32 MiB from the heap, trimming only above 2 GiB) keep
 that memory for the next step; the process holds its peak working set, which the roles reach
 every step anyway. A no-op off glibc.
+
+`onednn_fp32_matmul`: torch's CPU wheel computes fp32 matmuls with MKL, which takes a generic
+code path on AMD CPUs: ~190 GFLOPS on the 2-core EPYC (Zen 5) of CI, where oneDNN's AVX-512
+kernels (also in the wheel) reach ~400 on the same products (3208 x 512 by 512 x 1376, both
+threads). torch sends fp32 matmuls to oneDNN when the fp32 matmul precision is "medium", which
+*allows* oneDNN to compute in bfloat16; oneDNN does so only on CPUs with AMX and computes fp32
+otherwise. So the switch is never made on a CPU with AMX, and is kept only if a probe computes
+fp32 exactly (a product that bfloat16 would round, random products within fp32 rounding);
+otherwise the precision is put back to "highest".
 
 `idle_gloo_loops`: every gloo process group runs a thread that wakes every 10 ms (its epoll
 timeout) whether or not anything is sent; the rollout engine alone holds 13 (vLLM's world, tensor,
@@ -53,6 +62,64 @@ def retain_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
     )
+
+
+def tune_cpu_compute(threads: int, matmul: bool = True) -> bool:
+    """A CPU process that computes: `threads` torch threads, freed memory kept
+    (`retain_freed_memory`), fp32 matmuls on oneDNN where exact (`onednn_fp32_matmul`; not with
+    `matmul=False`). Returns whether the matmuls were switched."""
+    import torch
+
+    torch.set_num_threads(threads)
+    retain_freed_memory()
+    return onednn_fp32_matmul() if matmul else False
+
+
+def onednn_fp32_matmul(cpu_flags: set[str] | None = None) -> bool:
+    """Send this process's fp32 CPU matmuls to oneDNN where it computes them in exact fp32
+    (module docstring); returns whether they were switched. `cpu_flags`: the CPU's feature
+    flags (default: /proc/cpuinfo's)."""
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        return False
+    flags = _cpu_flags() if cpu_flags is None else cpu_flags
+    if not any(f.startswith("amx") for f in flags):  # with AMX oneDNN computes in bfloat16
+        torch.set_float32_matmul_precision("medium")
+        if _fp32_exact(torch):
+            return True
+    torch.set_float32_matmul_precision("highest")
+    return False
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def _fp32_exact(torch) -> bool:
+    """Matmuls (linear, 2-D, batched) of several shapes as exact as fp32: 1 + 2**-12 survives
+    (bfloat16 keeps 8 significant bits), random products within 1e-5 of float64's."""
+    one = 1 + 2**-12
+    g = torch.Generator().manual_seed(0)
+    for rows in (1, 64, 1024):
+        x = torch.full((rows, 64), one)
+        w = torch.zeros(96, 64)
+        w[:, 0] = 1.0
+        if not bool((torch.nn.functional.linear(x, w)[:, 0] == one).all()):
+            return False
+        a, b = torch.randn(2, rows, 256, generator=g), torch.randn(2, 256, 128, generator=g)
+        for got, want in (
+            (a[0] @ b[0], a[0].double() @ b[0].double()),
+            (a @ b, a.double() @ b.double()),
+        ):
+            if float((got.double() - want).abs().max() / want.abs().max()) > 1e-5:
+                return False
+    return True
 
 
 def threads_named(name: str) -> list[int]:

@@ -83,3 +83,65 @@ def test_a_group_of_one_member_idles_its_loop_threads_and_still_works():
     assert out["loops"] >= 1
     assert out["idled"] == out["loops"]
     assert out["all_idle"] and out["main"]
+
+
+MATMUL = """
+import json, sys, torch
+from rlhf.process_tuning import _cpu_flags, onednn_fp32_matmul
+flags = _cpu_flags()
+mode = sys.argv[1]
+switched = {"on": lambda: onednn_fp32_matmul(), "amx": lambda: onednn_fp32_matmul(flags | {"amx_bf16"}),
+            "off": lambda: False}[mode]()
+torch.manual_seed(0)
+x64 = torch.randn(300, 512, dtype=torch.float64)
+w64 = torch.randn(384, 512, dtype=torch.float64)
+g64 = torch.randn(300, 384, dtype=torch.float64)
+x, w = x64.float().requires_grad_(), w64.float().requires_grad_()
+y = torch.nn.functional.linear(x, w)   # forward and both backward products: three matmuls
+y.backward(g64.float())
+def rel(a, b):
+    return float((a.double() - b).abs().max() / b.abs().max())
+one = 1 + 2**-12                       # bfloat16 would round it to 1
+unit = torch.zeros(8, 64); unit[:, 0] = 1
+print("RESULT " + json.dumps({
+    "switched": switched, "amx": any(f.startswith("amx") for f in flags),
+    "precision": torch.get_float32_matmul_precision(),
+    "errors": [rel(y, x64 @ w64.T), rel(x.grad, g64 @ w64), rel(w.grad, g64.T @ x64)],
+    "exact": bool((torch.full((4, 64), one) @ unit.T == one).all()),
+}), flush=True)
+"""
+
+
+def _matmuls(mode: str) -> tuple[dict, int]:
+    """The MATMUL script's result, and how many of its three products (300 rows or columns, unlike
+    the probe's) oneDNN ran (its verbose log)."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(MATMUL), mode],
+        cwd=REPO,
+        env={**os.environ, "ONEDNN_VERBOSE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    result = json.loads(next(ln for ln in lines if ln.startswith("RESULT ")).split(" ", 1)[1])
+    shapes = [ln.split(",")[-2] for ln in lines if ",exec,cpu,matmul," in ln]
+    return result, sum("300" in shape for shape in shapes)
+
+
+def test_fp32_matmuls_move_to_onednn_only_where_they_stay_exact_fp32():
+    on, on_runs = _matmuls("on")
+    off, off_runs = _matmuls("off")
+    amx, amx_runs = _matmuls("amx")
+    # Left alone (and where oneDNN would compute in bfloat16): MKL, "highest".
+    for result, runs in ((off, off_runs), (amx, amx_runs)):
+        assert not result["switched"] and result["precision"] == "highest"
+        assert runs == 0
+    # Elsewhere every product of the forward and the backward runs in oneDNN, as exact as MKL's
+    # (bfloat16 inputs would be ~1e-3 off). A CPU with AMX of its own keeps MKL.
+    assert on["switched"] is not on["amx"]
+    if on["switched"]:
+        assert on["precision"] == "medium" and on_runs == 3
+    for result in (on, off, amx):
+        assert result["exact"] and max(result["errors"]) < 1e-5, result

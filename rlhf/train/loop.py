@@ -174,10 +174,9 @@ def train_stage(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not scfg.use_gpu:
-        from rlhf.process_tuning import retain_freed_memory
+        from rlhf.process_tuning import tune_cpu_compute
 
-        torch.set_num_threads(scfg.cpus_per_worker)
-        retain_freed_memory()
+        tune_cpu_compute(scfg.cpus_per_worker)
     task = TASKS[stage](cfg)
     torch.manual_seed(cfg.run.seed)
 

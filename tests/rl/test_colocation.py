@@ -2,6 +2,8 @@
 one bundle whose actors each compute with all of its cores (real Ray, vLLM and DeepSpeed)."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import ray
@@ -57,6 +59,17 @@ def _threads(actor) -> int:
     return ray.get(actor.__ray_call__.remote(lambda self: torch.get_num_threads()))
 
 
+def _matmul_precision(actor) -> str:
+    return ray.get(actor.__ray_call__.remote(lambda self: torch.get_float32_matmul_precision()))
+
+
+def _onednn_switches_here() -> bool:
+    """Whether `onednn_fp32_matmul` switches a fresh process on this machine."""
+    code = "from rlhf.process_tuning import onednn_fp32_matmul; print(onednn_fp32_matmul())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1] == "True"
+
+
 def _gloo_loop_policies(actor) -> list[int]:
     """The scheduling policy of each of the actor's gloo loop threads."""
 
@@ -103,6 +116,12 @@ def test_every_role_on_one_bundle_computes_with_all_its_cores_and_learns(
             # Every torch.distributed group here has one member: loop wake-ups wait for idle
             # cores instead of preempting the phase that computes.
             assert set(_gloo_loop_policies(groups[role].actors[0])) == {os.SCHED_IDLE}, role
+        # The trainers' fp32 matmuls run on oneDNN where it computes them exactly
+        # (rlhf/process_tuning.py); vLLM's engine keeps torch's default.
+        fast = "medium" if _onednn_switches_here() else "highest"
+        for role in ("policy", "reference", "critic"):
+            assert _matmul_precision(groups[role].actors[0]) == fast, role
+        assert _matmul_precision(groups["rollout"].actors[0]) == "highest"
         for m in metrics:
             assert torch.isfinite(
                 torch.tensor([m["critic/value_loss"], m["ppo/clipfrac"], m["policy/entropy"]])
