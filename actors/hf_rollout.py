@@ -126,11 +126,11 @@ class HFRolloutEngine:
         pad = stops[0] if stops else 0  # never read: a row ends at its first stop token
         ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids, mask = ids.to(self.device), mask.to(self.device)
         greedy = temperature == 0
         config = GenerationConfig(
             max_new_tokens=max_tokens,
             do_sample=not greedy,
-            num_return_sequences=n,
             temperature=None if greedy else temperature,
             top_p=None if greedy else top_p,
             top_k=None if greedy else 0,
@@ -138,13 +138,11 @@ class HFRolloutEngine:
             pad_token_id=pad,
             output_scores=True,
             return_dict_in_generate=True,
-            # Keys and values in preallocated tensors: the default cache grows by concatenation
-            # every token (25.6M model, 64 x 48 tokens: 2.07-2.19 s vs 2.33-2.63 s, 2026-12-02).
-            cache_implementation="static",
         )
         out = self.model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
+            input_ids=ids.repeat_interleave(n, dim=0),
+            attention_mask=mask.repeat_interleave(n, dim=0),
+            past_key_values=self._prefilled(ids, mask, n, width + max_tokens),
             generation_config=config,
         )
         new = out.sequences[:, width:].cpu()
@@ -163,6 +161,28 @@ class HFRolloutEngine:
             )
             for row in range(new.shape[0])
         ]
+
+    def _prefilled(self, ids: torch.Tensor, mask: torch.Tensor, n: int, length: int):
+        """A static key/value cache (preallocated: the default grows by concatenation every token;
+        25.6M model, 64 x 48 tokens: 2.07-2.19 s vs 2.33-2.63 s a call, 2026-12-02) holding every
+        prompt token but the last, each prompt computed once and copied to its `n` rows;
+        `generate` goes on from the last prompt token."""
+        from transformers import StaticCache
+
+        cache = StaticCache(config=self.model.config, max_cache_len=length)
+        if ids.shape[1] == 1:  # nothing before the last token: generate fills the cache
+            return cache
+        self.model(
+            input_ids=ids[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=(mask[:, :-1].cumsum(-1) - 1).clamp(min=0),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        rows = torch.arange(len(ids), device=ids.device).repeat_interleave(n)
+        cache.reorder_cache(rows)  # (prompts, ...) -> (prompts * n, ...)
+        return cache
 
     def update_weights(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None

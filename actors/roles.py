@@ -26,7 +26,7 @@ from rlhf.config import Config, RoleConfig, TrainRoleConfig
 class _Rank:
     """torch.distributed set-up shared by every role actor."""
 
-    def _setup(self, role: RoleConfig) -> None:
+    def _setup(self, role: RoleConfig, model_path: str) -> None:
         import torch.distributed as dist
 
         self.rank = int(os.environ.get("RANK", "0"))
@@ -37,9 +37,9 @@ class _Rank:
             # time), so whoever computes gets every core. Set once: nothing else in this process
             # changes it, and it holds for every phase method.
             from actors.group import bundle_threads
-            from rlhf.process_tuning import tune_cpu_compute
+            from rlhf.process_tuning import model_width, tune_cpu_compute
 
-            tune_cpu_compute(bundle_threads(role.cpus_per_actor))
+            tune_cpu_compute(bundle_threads(role.cpus_per_actor), model_width(model_path))
         if not dist.is_initialized():
             address = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
             dist.init_process_group(
@@ -167,7 +167,7 @@ class PolicyActor(_Trained, Generates):
         from rlhf.models.factory import load_trainable_lm
 
         rl = self.rl = cfg.rl
-        self._setup(rl.policy)
+        self._setup(rl.policy, model_path)
         torch.manual_seed(cfg.run.seed)
         from rlhf import engine as eng
 
@@ -366,7 +366,7 @@ class ReferenceActor(_Rank):
         from rlhf.models.factory import load_causal_lm
 
         self.rl = cfg.rl
-        self._setup(cfg.rl.reference)
+        self._setup(cfg.rl.reference, model_path)
         dtype = eng.precision_dtype(cfg.rl.reference.precision, self.on_gpu)
         self.model = load_causal_lm(
             model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
@@ -398,7 +398,7 @@ class RewardActor(_Rank):
         from rlhf.models.factory import load_reward_model
 
         self.rl = cfg.rl
-        self._setup(cfg.rl.reward_model)
+        self._setup(cfg.rl.reward_model, model_path)
         dtype = eng.precision_dtype(cfg.rl.reward_model.precision, self.on_gpu)
         self.model = load_reward_model(
             model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
@@ -424,7 +424,7 @@ class CriticActor(_Trained):
         from rlhf.models.factory import load_critic
 
         rl = self.rl = cfg.rl
-        self._setup(rl.critic)
+        self._setup(rl.critic, model_path)
         torch.manual_seed(cfg.run.seed)
         dtype = eng.precision_dtype(rl.critic.precision, self.on_gpu)
         model = load_critic(

@@ -302,10 +302,11 @@ class RolloutActor(Generates):
         on_gpu = rc.gpus_per_engine > 0 and torch.cuda.is_available()
         if not on_gpu:  # the whole bundle (colocated roles take turns on it); see the docstring
             from actors.group import bundle_threads
-            from rlhf.process_tuning import tune_cpu_compute
+            from rlhf.process_tuning import model_width, tune_cpu_compute
 
             # vLLM's CPU kernels are its own (and its compiled graphs read torch's precision).
-            tune_cpu_compute(bundle_threads(rc.cpus_per_engine), matmul=rc.backend != "vllm")
+            width = None if rc.backend == "vllm" else model_width(model_path)
+            tune_cpu_compute(bundle_threads(rc.cpus_per_engine), width)
         if rc.backend == "transformers":
             from actors.hf_rollout import HFRolloutEngine
 

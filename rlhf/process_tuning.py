@@ -2,7 +2,7 @@
 workers) on machines where phases take turns on the same cores.
 
     from rlhf.process_tuning import tune_cpu_compute, idle_gloo_loops
-    tune_cpu_compute(threads)  # once, early: threads, freed memory kept, fp32 matmuls on oneDNN
+    tune_cpu_compute(threads, model_width(model_path))  # once, early: threads, memory, matmuls
     idle_gloo_loops()          # after every torch.distributed group of one member is created
 
 `retain_freed_memory`: glibc's malloc hands a freed block back to the kernel once the free top of
@@ -20,7 +20,15 @@ threads). torch sends fp32 matmuls to oneDNN when the fp32 matmul precision is "
 *allows* oneDNN to compute in bfloat16; oneDNN does so only on CPUs with AMX and computes fp32
 otherwise. So the switch is never made on a CPU with AMX, and is kept only if a probe computes
 fp32 exactly (a product that bfloat16 would round, random products within fp32 rounding);
-otherwise the precision is put back to "highest".
+otherwise the precision is put back to "highest". Small products lose on oneDNN's fixed costs,
+so only models at least `ONEDNN_MIN_WIDTH` wide switch: a 2-layer Llama's forward + backward
+(64 rows of 17-23 tokens, 2026-12-03) took 28-29 vs 32-35 ms at hidden size 128 (MKL vs
+oneDNN), 51-55 vs 48-51 at 192, 83-88 vs 69-76 at 256, 281-296 vs 216-226 at 512; the bench's
+GRPO step at 0.41M parameters (hidden 128) 0.07-0.09 vs 0.13-0.14 s, at 25.6M (hidden 512, 48
+tokens) 6.97 vs 4.74-5.00 s. Attention stays on MKL: torch's CPU flash attention runs many small
+products, which oneDNN took 3.5x longer for (64 rows x 8 heads x 48 tokens, forward + backward:
+20 vs 71 ms; one query over 65 keys: 0.34 vs 7.8 ms), so every Hugging Face "sdpa" attention of
+the process runs at "highest" precision, its backward too (`_MKLAttention`).
 
 `idle_gloo_loops`: every gloo process group runs a thread that wakes every 10 ms (its epoll
 timeout) whether or not anything is sent; the rollout engine alone holds 13 (vLLM's world, tensor,
@@ -34,8 +42,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 # mallopt(3) parameters (malloc.h).
@@ -64,32 +76,106 @@ def retain_freed_memory() -> bool:
     )
 
 
-def tune_cpu_compute(threads: int, matmul: bool = True) -> bool:
-    """A CPU process that computes: `threads` torch threads, freed memory kept
-    (`retain_freed_memory`), fp32 matmuls on oneDNN where exact (`onednn_fp32_matmul`; not with
-    `matmul=False`). Returns whether the matmuls were switched."""
+ONEDNN_MIN_WIDTH = 256
+
+
+def tune_cpu_compute(threads: int, width: int | None) -> bool:
+    """A CPU process that computes with a model `width` wide (`model_width`; None: one that
+    samples with vLLM, whose CPU kernels are its own): `threads` torch threads, freed memory
+    kept (`retain_freed_memory`), fp32 matmuls on oneDNN where that pays and is exact
+    (`onednn_fp32_matmul`). Returns whether the matmuls were switched."""
     import torch
 
     torch.set_num_threads(threads)
     retain_freed_memory()
-    return onednn_fp32_matmul() if matmul else False
+    return onednn_fp32_matmul(width) if width is not None else False
 
 
-def onednn_fp32_matmul(cpu_flags: set[str] | None = None) -> bool:
-    """Send this process's fp32 CPU matmuls to oneDNN where it computes them in exact fp32
-    (module docstring); returns whether they were switched. `cpu_flags`: the CPU's feature
-    flags (default: /proc/cpuinfo's)."""
+def model_width(model_path: str | Path) -> int:
+    """The hidden size in a Hugging Face model folder's config.json; 0 when it says none."""
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    config = config.get("text_config", config)  # multimodal configs nest the language model's
+    return int(config.get("hidden_size") or config.get("n_embd") or config.get("d_model") or 0)
+
+
+def onednn_fp32_matmul(width: int, cpu_flags: set[str] | None = None) -> bool:
+    """Send this process's fp32 CPU matmuls to oneDNN for a model `width` wide, where that pays
+    and oneDNN computes them in exact fp32 (module docstring); returns whether they were
+    switched. `cpu_flags`: the CPU's feature flags (default: /proc/cpuinfo's)."""
     import torch
 
     if not torch.backends.mkldnn.is_available():
         return False
     flags = _cpu_flags() if cpu_flags is None else cpu_flags
-    if not any(f.startswith("amx") for f in flags):  # with AMX oneDNN computes in bfloat16
+    # With AMX oneDNN computes in bfloat16.
+    if width >= ONEDNN_MIN_WIDTH and not any(f.startswith("amx") for f in flags):
         torch.set_float32_matmul_precision("medium")
         if _fp32_exact(torch):
+            _attention_on_mkl()
             return True
     torch.set_float32_matmul_precision("highest")
     return False
+
+
+@contextmanager
+def _highest_precision() -> Iterator[None]:
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _attention_on_mkl() -> None:
+    """Hugging Face's "sdpa" attention, forward and backward, at "highest" precision (module
+    docstring): registered for every model of the process."""
+    import torch
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+            qkv = (query, key, value)
+            return _mkl_attention().apply(module, attention_mask, kwargs, *qkv), None
+        with _highest_precision():
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("sdpa", attention)
+
+
+@cache
+def _mkl_attention():
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class _MKLAttention(torch.autograd.Function):
+        """sdpa_attention_forward whose forward and backward both run at "highest" precision:
+        the forward builds its graph on detached inputs, the backward differentiates it."""
+
+        @staticmethod
+        def forward(ctx, module, mask, kwargs, *qkv):
+            with _highest_precision(), torch.enable_grad():
+                leaves = [t.detach().requires_grad_(t.requires_grad) for t in qkv]
+                out, _ = sdpa_attention_forward(module, *leaves, mask, **kwargs)
+            ctx.graph = (leaves, out)
+            return out.detach()
+
+        @staticmethod
+        def backward(ctx, grad):
+            leaves, out = ctx.graph
+            del ctx.graph
+            wanted = [t for t in leaves if t.requires_grad]
+            with _highest_precision():
+                grads = iter(torch.autograd.grad(out, wanted, grad))
+            return None, None, None, *(next(grads) if t.requires_grad else None for t in leaves)
+
+    return _MKLAttention
 
 
 def _cpu_flags() -> set[str]:

@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,11 +88,14 @@ def test_a_group_of_one_member_idles_its_loop_threads_and_still_works():
 
 MATMUL = """
 import json, sys, torch
-from rlhf.process_tuning import _cpu_flags, onednn_fp32_matmul
+from rlhf.process_tuning import _cpu_flags, model_width, tune_cpu_compute
 flags = _cpu_flags()
-mode = sys.argv[1]
-switched = {"on": lambda: onednn_fp32_matmul(), "amx": lambda: onednn_fp32_matmul(flags | {"amx_bf16"}),
-            "off": lambda: False}[mode]()
+mode, model = sys.argv[1], sys.argv[2]
+if mode == "amx":  # a CPU with AMX: oneDNN would compute in bfloat16
+    import rlhf.process_tuning as tuning
+    tuning._cpu_flags = lambda: flags | {"amx_bf16"}
+width = model_width(model)
+switched = tune_cpu_compute(2, width) if mode != "off" else False
 torch.manual_seed(0)
 x64 = torch.randn(300, 512, dtype=torch.float64)
 w64 = torch.randn(384, 512, dtype=torch.float64)
@@ -104,19 +108,19 @@ def rel(a, b):
 one = 1 + 2**-12                       # bfloat16 would round it to 1
 unit = torch.zeros(8, 64); unit[:, 0] = 1
 print("RESULT " + json.dumps({
-    "switched": switched, "amx": any(f.startswith("amx") for f in flags),
-    "precision": torch.get_float32_matmul_precision(),
+    "switched": switched, "width": width, "amx": any(f.startswith("amx") for f in flags),
+    "precision": torch.get_float32_matmul_precision(), "threads": torch.get_num_threads(),
     "errors": [rel(y, x64 @ w64.T), rel(x.grad, g64 @ w64), rel(w.grad, g64.T @ x64)],
     "exact": bool((torch.full((4, 64), one) @ unit.T == one).all()),
 }), flush=True)
 """
 
 
-def _matmuls(mode: str) -> tuple[dict, int]:
+def _matmuls(mode: str, model: Path) -> tuple[dict, int]:
     """The MATMUL script's result, and how many of its three products (300 rows or columns, unlike
     the probe's) oneDNN ran (its verbose log)."""
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(MATMUL), mode],
+        [sys.executable, "-c", textwrap.dedent(MATMUL), mode, str(model)],
         cwd=REPO,
         env={**os.environ, "ONEDNN_VERBOSE": "1"},
         capture_output=True,
@@ -130,12 +134,28 @@ def _matmuls(mode: str) -> tuple[dict, int]:
     return result, sum("300" in shape for shape in shapes)
 
 
-def test_fp32_matmuls_move_to_onednn_only_where_they_stay_exact_fp32():
-    on, on_runs = _matmuls("on")
-    off, off_runs = _matmuls("off")
-    amx, amx_runs = _matmuls("amx")
-    # Left alone (and where oneDNN would compute in bfloat16): MKL, "highest".
-    for result, runs in ((off, off_runs), (amx, amx_runs)):
+@pytest.fixture(scope="module")
+def widths(tmp_path_factory) -> dict[int, Path]:
+    """Model folders (one layer) as wide as oneDNN's threshold and narrower."""
+    from rlhf.models.factory import save_tiny_model
+    from rlhf.process_tuning import ONEDNN_MIN_WIDTH
+
+    root = tmp_path_factory.mktemp("widths")
+    return {
+        w: save_tiny_model(root / str(w), hidden_size=w, num_layers=1, num_heads=4, num_kv_heads=4)
+        for w in (ONEDNN_MIN_WIDTH, ONEDNN_MIN_WIDTH // 2)
+    }
+
+
+def test_fp32_matmuls_move_to_onednn_only_where_they_pay_and_stay_exact_fp32(widths):
+    wide, narrow = sorted(widths, reverse=True)
+    on, on_runs = _matmuls("on", widths[wide])
+    off, off_runs = _matmuls("off", widths[wide])
+    small, small_runs = _matmuls("on", widths[narrow])
+    amx, amx_runs = _matmuls("amx", widths[wide])
+    assert (on["width"], small["width"]) == (wide, narrow) and on["threads"] == 2
+    # Left alone, a model narrower than the threshold, a CPU with AMX: MKL, "highest".
+    for result, runs in ((off, off_runs), (small, small_runs), (amx, amx_runs)):
         assert not result["switched"] and result["precision"] == "highest"
         assert runs == 0
     # Elsewhere every product of the forward and the backward runs in oneDNN, as exact as MKL's
@@ -143,5 +163,64 @@ def test_fp32_matmuls_move_to_onednn_only_where_they_stay_exact_fp32():
     assert on["switched"] is not on["amx"]
     if on["switched"]:
         assert on["precision"] == "medium" and on_runs == 3
-    for result in (on, off, amx):
+    for result in (on, off, small, amx):
         assert result["exact"] and max(result["errors"]) < 1e-5, result
+
+
+def test_model_width_reads_the_config_and_is_0_without_one(tmp_path, widths):
+    from rlhf.process_tuning import model_width
+
+    assert {model_width(path) for path in widths.values()} == set(widths)
+    assert model_width(tmp_path) == 0
+    (tmp_path / "config.json").write_text('{"text_config": {"hidden_size": 768}}')
+    assert model_width(tmp_path) == 768
+
+
+ATTENTION = """
+import json, sys, torch
+from rlhf.models.factory import load_causal_lm
+from rlhf.process_tuning import model_width, tune_cpu_compute
+switched = tune_cpu_compute(2, model_width(sys.argv[1])) if sys.argv[2] == "tuned" else False
+model = load_causal_lm(sys.argv[1])
+ids = torch.randint(3, 259, (3, 37), generator=torch.Generator().manual_seed(0))
+model(ids).logits.logsumexp(-1).sum().backward()
+with torch.no_grad():
+    logits = model(ids).logits
+grads = {n: p.grad.flatten()[:64].tolist() for n, p in model.named_parameters()}
+print("RESULT " + json.dumps({"switched": switched, "logits": logits[0, :5, :8].tolist(),
+                              "grads": grads}), flush=True)
+"""
+
+
+def test_attention_stays_on_mkl_and_the_model_computes_as_at_full_precision(widths):
+    """After the switch a model's linear layers run on oneDNN, its attention (torch's flash
+    kernel, many small products oneDNN is slow at) on MKL, forward and backward; logits and
+    gradients match the untouched process's."""
+    model = widths[max(widths)]
+
+    def run(mode):
+        done = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(ATTENTION), str(model), mode],
+            cwd=REPO,
+            env={**os.environ, "ONEDNN_VERBOSE": "1"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        lines = done.stdout.splitlines()
+        shapes = [ln.split(",")[-2] for ln in lines if ",exec,cpu,matmul," in ln]
+        result = json.loads(next(ln for ln in lines if ln.startswith("RESULT ")).split(" ", 1)[1])
+        return result, shapes
+
+    tuned, shapes = run("tuned")
+    plain, plain_shapes = run("plain")
+    assert not plain["switched"] and plain_shapes == []
+    if tuned["switched"]:
+        # 3 x 37 = 111 rows through the linear layers; attention's products are 37 queries or
+        # keys long (per row and head): none of those may reach oneDNN.
+        assert sum("111" in s for s in shapes) >= 3 * 7  # 7 linear layers, forward + backward
+        assert [s for s in shapes if "37" in s and "111" not in s] == []
+    torch.testing.assert_close(tuned["logits"], plain["logits"], rtol=1e-5, atol=1e-5)
+    for name, grad in plain["grads"].items():
+        torch.testing.assert_close(tuned["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)

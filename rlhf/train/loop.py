@@ -174,9 +174,9 @@ def train_stage(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not scfg.use_gpu:
-        from rlhf.process_tuning import tune_cpu_compute
+        from rlhf.process_tuning import model_width, tune_cpu_compute
 
-        tune_cpu_compute(scfg.cpus_per_worker)
+        tune_cpu_compute(scfg.cpus_per_worker, model_width(init_dir))
     task = TASKS[stage](cfg)
     torch.manual_seed(cfg.run.seed)
 

@@ -118,3 +118,37 @@ def test_an_engine_around_a_training_module_samples_from_it_and_leaves_it_as_it_
     (sample,) = around.generate(PROMPTS[:1], max_tokens=3, temperature=1.0, ignore_eos=True)
     uniform = -torch.log(torch.tensor(float(model.config.vocab_size)))
     torch.testing.assert_close(torch.tensor(sample.logprobs), uniform.expand(3))
+
+
+def test_each_prompt_is_computed_once_for_all_its_samples(engine, tiny_dir):
+    """The prompts but their last token run once each and their keys and values serve every
+    sample; the samples match teacher-forced logprobs, one-token prompts included."""
+    tokens = []
+    hook = engine.model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: tokens.append(args[0].numel())
+    )
+    try:
+        n, steps = 5, 6
+        samples = engine.generate(
+            PROMPTS, n=n, max_tokens=steps, temperature=1.0, seed=0, ignore_eos=True
+        )
+        width = max(map(len, PROMPTS))
+        # distinct prompts x (width - 1), then every row one token a step (the first: the
+        # prompt's last token).
+        assert sum(tokens) == len(PROMPTS) * (width - 1) + len(PROMPTS) * n * steps
+        tokens.clear()
+        short = {
+            tuple(map(tuple, prompts)): engine.generate(prompts, n=3, max_tokens=4, seed=0)
+            for prompts in ([[2]], [[2], [2, 7]])  # nothing before the last token; padding
+        }
+    finally:
+        hook.remove()
+    model = _model(tiny_dir)
+    for s in samples:
+        want = _logprobs(model, PROMPTS[s.prompt_index], s.token_ids, 1.0)
+        torch.testing.assert_close(torch.tensor(s.logprobs), want, atol=1e-4, rtol=0)
+    for prompts, got in short.items():
+        assert len(got) == 3 * len(prompts)
+        for s in got:
+            want = _logprobs(model, list(prompts[s.prompt_index]), s.token_ids, 1.0)
+            torch.testing.assert_close(torch.tensor(s.logprobs), want, atol=1e-4, rtol=0)

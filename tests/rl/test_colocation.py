@@ -63,10 +63,15 @@ def _matmul_precision(actor) -> str:
     return ray.get(actor.__ray_call__.remote(lambda self: torch.get_float32_matmul_precision()))
 
 
-def _onednn_switches_here() -> bool:
-    """Whether `onednn_fp32_matmul` switches a fresh process on this machine."""
-    code = "from rlhf.process_tuning import onednn_fp32_matmul; print(onednn_fp32_matmul())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+def _onednn_switches_here(model_dir) -> bool:
+    """Whether `onednn_fp32_matmul` switches a fresh process for this model on this machine."""
+    code = (
+        "import sys; from rlhf.process_tuning import model_width, onednn_fp32_matmul; "
+        "print(onednn_fp32_matmul(model_width(sys.argv[1])))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(model_dir)], capture_output=True, text=True, check=True
+    )
     return out.stdout.strip().splitlines()[-1] == "True"
 
 
@@ -116,9 +121,9 @@ def test_every_role_on_one_bundle_computes_with_all_its_cores_and_learns(
             # Every torch.distributed group here has one member: loop wake-ups wait for idle
             # cores instead of preempting the phase that computes.
             assert set(_gloo_loop_policies(groups[role].actors[0])) == {os.SCHED_IDLE}, role
-        # The trainers' fp32 matmuls run on oneDNN where it computes them exactly
-        # (rlhf/process_tuning.py); vLLM's engine keeps torch's default.
-        fast = "medium" if _onednn_switches_here() else "highest"
+        # The trainers' fp32 matmuls run on oneDNN where it pays and computes them exactly
+        # (rlhf/process_tuning.py: not at this width); vLLM's engine keeps torch's default.
+        fast = "medium" if _onednn_switches_here(tiny_dir) else "highest"
         for role in ("policy", "reference", "critic"):
             assert _matmul_precision(groups[role].actors[0]) == fast, role
         assert _matmul_precision(groups["rollout"].actors[0]) == "highest"
