@@ -73,10 +73,12 @@ JOBS = {
         # alone, 2026-12-02): transformers 0.095-0.113 vs vLLM 0.144-0.146 s a step at 0.4M;
         # 1.26 vs 1.43 s at 25.6M / 6 tokens; 5.76 vs 5.42 s at 25.6M / 48 tokens. Then, in the
         # policy's own actor vs the transformers actor: 0.4M 0.072-0.075 vs 0.088-0.092 s, 25.6M
-        # / 6 tokens 0.93-0.94 vs 0.96-0.99 s; 25.6M / 48 tokens 4.66 vs vLLM's 4.42 s.
+        # / 6 tokens 0.93-0.94 vs 0.96-0.99 s; 25.6M / 48 tokens 4.66 vs vLLM's 4.42 s. Since
+        # oneDNN matmuls and each prompt prefilled once (2026-12-03, alternating, 8 steps each):
+        # 25.6M / 48 tokens in the policy's actor 3.81, 3.70 s vs vLLM 3.85, 3.91 s.
         Job("grpo", "0.4M", 6, rollout="policy"),
         Job("grpo", "25M", 6, rollout="policy"),
-        Job("grpo", "25M", 48, rollout="vllm"),
+        Job("grpo", "25M", 48, rollout="policy"),
         Job("sft", "0.4M"),
         Job("sft", "25M"),
     )
