@@ -77,7 +77,8 @@ def _median(fn, repeat: int) -> float:
 
 def bench_rollout(root: Path, name: str, prompts: int, n: int, prompt_len: int, new_tokens: int):
     """Generated tokens per second: vLLM (our RolloutEngine) against HF `generate`, both sampling
-    at temperature 1 with every core of the machine, same prompts, same lengths."""
+    at temperature 1 with every core of the machine, same prompts, same lengths; then our
+    transformers engine (`actors.hf_rollout`) as the RL actors run it."""
     from transformers import AutoModelForCausalLM
 
     from actors.rollout import RolloutEngine
@@ -119,6 +120,22 @@ def bench_rollout(root: Path, name: str, prompts: int, n: int, prompt_len: int, 
     vllm()
     vllm_s = _median(vllm, 3)
     engine.shutdown()
+
+    # Our transformers engine as an RL actor runs it (`rl.rollout.backend: policy`): each prompt
+    # prefilled once, fp32 matmuls on oneDNN where rlhf/process_tuning.py switches them (last:
+    # the setting holds for the rest of the process).
+    from actors.hf_rollout import HFRolloutEngine
+    from rlhf.process_tuning import model_width, onednn_fp32_matmul
+
+    onednn = onednn_fp32_matmul(model_width(path))
+    ours = HFRolloutEngine(path)
+
+    def ours_generate():
+        out = ours.generate(ids, n=n, max_tokens=new_tokens, temperature=1.0, ignore_eos=True)
+        assert sum(len(s.token_ids) for s in out) == total
+
+    ours_generate()
+    ours_s = _median(ours_generate, 3)
     return {
         "size": name,
         "params_M": round(_params(path) / 1e6, 1),
@@ -129,6 +146,9 @@ def bench_rollout(root: Path, name: str, prompts: int, n: int, prompt_len: int, 
         "hf_generate_tok_s": round(total / hf_s),
         "vllm_tok_s": round(total / vllm_s),
         "speedup": round(hf_s / vllm_s, 2),
+        "ours_hf_tok_s": round(total / ours_s),
+        "ours_onednn_matmul": onednn,
+        "vllm_over_ours_hf": round(ours_s / vllm_s, 2),
     }
 
 
