@@ -191,6 +191,7 @@ def bench_sync(root: Path, name: str, repeat: int, backend: str = "object_store"
             "rl.reference.cpus_per_actor=0.5",
             "rl.rollout.cpus_per_engine=0.5",
             "rl.colocate=[]",
+            "rl.rollout.backend=vllm",  # the demo's samples in the policy's actor: no sync
             f"rl.rollout.weight_sync={backend}",
         ],
     )

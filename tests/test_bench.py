@@ -3,6 +3,9 @@ side-by-side run against TRL (its settings translation and step timing; TRL itse
 
 import json
 import sys
+from pathlib import Path
+
+import pytest
 
 from rlhf.bench_runs import peak_memory, rl_step_report
 
@@ -136,3 +139,28 @@ def test_step_report_reads_per_step_times_startup_and_phases(tmp_path):
     assert median_after(report["step_s"], warmup=1) == 1.5  # median of [2.0, 1.0]
     # TRL's side: step ends at 12, 13.5, 14 after the first step began at 10.
     assert step_seconds(10.0, [12.0, 13.5, 14.0]) == [2.0, 1.5, 0.5]
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_the_weight_sync_benchmark_times_a_real_sync(tmp_path):
+    """`python -m rlhf.bench sync` on the demo size: one sync through the object store into a
+    vLLM engine (the demo config samples in the policy's actor, which has nothing to sync: the
+    benchmark must set its own engine), every part timed."""
+    import os
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "rlhf.bench", "sync", "--size", "demo", "--repeat", "1"]
+        + ["--workdir", str(tmp_path)],
+        cwd=Path(__file__).resolve().parents[1],
+        env={k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("weight_sync: "))
+    result = json.loads(line.split(": ", 1)[1])
+    assert result["backend"] == "object_store" and result["buckets"] >= 1
+    assert result["sync_s"] > 0 and result["torch_save_s"] > 0 and result["reload_s"] > 0
