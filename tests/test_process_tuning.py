@@ -116,11 +116,10 @@ print("RESULT " + json.dumps({
 """
 
 
-def _matmuls(mode: str, model: Path) -> tuple[dict, int]:
-    """The MATMUL script's result, and how many of its three products (300 rows or columns, unlike
-    the probe's) oneDNN ran (its verbose log)."""
+def _with_onednn_log(script: str, *args: str) -> tuple[dict, list[str]]:
+    """A script's RESULT line, and the shapes of the matmuls oneDNN ran (its verbose log)."""
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(MATMUL), mode, str(model)],
+        [sys.executable, "-c", textwrap.dedent(script), *args],
         cwd=REPO,
         env={**os.environ, "ONEDNN_VERBOSE": "1"},
         capture_output=True,
@@ -130,7 +129,13 @@ def _matmuls(mode: str, model: Path) -> tuple[dict, int]:
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     result = json.loads(next(ln for ln in lines if ln.startswith("RESULT ")).split(" ", 1)[1])
-    shapes = [ln.split(",")[-2] for ln in lines if ",exec,cpu,matmul," in ln]
+    return result, [ln.split(",")[-2] for ln in lines if ",exec,cpu,matmul," in ln]
+
+
+def _matmuls(mode: str, model: Path) -> tuple[dict, int]:
+    """The MATMUL script's result, and how many of its three products (300 rows or columns, unlike
+    the probe's) oneDNN ran."""
+    result, shapes = _with_onednn_log(MATMUL, mode, str(model))
     return result, sum("300" in shape for shape in shapes)
 
 
@@ -198,23 +203,8 @@ def test_attention_stays_on_mkl_and_the_model_computes_as_at_full_precision(widt
     gradients match the untouched process's."""
     model = widths[max(widths)]
 
-    def run(mode):
-        done = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(ATTENTION), str(model), mode],
-            cwd=REPO,
-            env={**os.environ, "ONEDNN_VERBOSE": "1"},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
-        lines = done.stdout.splitlines()
-        shapes = [ln.split(",")[-2] for ln in lines if ",exec,cpu,matmul," in ln]
-        result = json.loads(next(ln for ln in lines if ln.startswith("RESULT ")).split(" ", 1)[1])
-        return result, shapes
-
-    tuned, shapes = run("tuned")
-    plain, plain_shapes = run("plain")
+    tuned, shapes = _with_onednn_log(ATTENTION, str(model), "tuned")
+    plain, plain_shapes = _with_onednn_log(ATTENTION, str(model), "plain")
     assert not plain["switched"] and plain_shapes == []
     if tuned["switched"]:
         # 3 x 37 = 111 rows through the linear layers; attention's products are 37 queries or
