@@ -13,12 +13,12 @@ parameters. Fixed thresholds (blocks up to 32 MiB from the heap, trimming only a
 that memory for the next step; the process holds its peak working set, which the roles reach
 every step anyway. A no-op off glibc.
 
-`onednn_fp32_matmul`: torch's CPU wheel computes fp32 matmuls with MKL, which takes a generic
-code path on AMD CPUs: ~190 GFLOPS on the 2-core EPYC (Zen 5) of CI, where oneDNN's AVX-512
-kernels (also in the wheel) reach ~400 on the same products (3208 x 512 by 512 x 1376, both
-threads). torch sends fp32 matmuls to oneDNN when the fp32 matmul precision is "medium", which
-*allows* oneDNN to compute in bfloat16; oneDNN does so only on CPUs with AMX and computes fp32
-otherwise. So the switch is never made on a CPU with AMX, and is kept only if a probe computes
+`onednn_fp32_matmul`: torch's CPU wheel computes fp32 matmuls with MKL, which took a generic
+code path on a 2-core AMD EPYC (Zen 5, 2026-12-03): ~190 GFLOPS, where oneDNN's AVX-512 kernels
+(also in the wheel) reached ~400 on the same products (3208 x 512 by 512 x 1376, both threads).
+torch sends fp32 matmuls to oneDNN when the fp32 matmul precision is "medium", which *allows*
+oneDNN to compute in bfloat16: its AMX kernels do, the AVX-512 ones of that EPYC did not (the
+probe below). So the switch is never made on a CPU with AMX, and is kept only if a probe computes
 fp32 exactly (a product that bfloat16 would round, random products within fp32 rounding);
 otherwise the precision is put back to "highest". Small products lose on oneDNN's fixed costs,
 so only models at least `ONEDNN_MIN_WIDTH` wide switch: a 2-layer Llama's forward + backward
