@@ -36,6 +36,8 @@ SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 JOB_SUBMISSION_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # What SINGLE_MACHINE_ENV held before `_loopback_only` set it; `shutdown_ray` puts it back.
 _saved_env: list[str | None] = []
+# The embedded cluster this process started ({"dashboard": bool}); empty when it joined one.
+_embedded: dict[str, bool] = {}
 
 
 def cluster_address(address: str | None = None) -> str | None:
@@ -92,7 +94,16 @@ def init_ray(
     if not is_loopback(node_ip):
         ray.shutdown()
         raise RuntimeError(f"embedded Ray took node IP {node_ip}, not loopback; refusing to run")
+    _embedded.update(dashboard=dashboard)
     return ray.get_runtime_context().gcs_address
+
+
+def embedded_cluster() -> dict[str, bool] | None:
+    """{"dashboard": whether it serves one} when this process started the cluster it is connected
+    to (`init_ray` without an address: one machine, loopback only); None when it joined one."""
+    import ray
+
+    return dict(_embedded) if _embedded and ray.is_initialized() else None
 
 
 def shutdown_ray() -> None:
@@ -104,6 +115,7 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+    _embedded.clear()
     if _saved_env:
         from ray._private import ray_constants
 

@@ -7,7 +7,13 @@ import sys
 
 import pytest
 
-from rlhf.runtime import cluster_address, init_ray, is_loopback, listening_sockets
+from rlhf.runtime import (
+    cluster_address,
+    embedded_cluster,
+    init_ray,
+    is_loopback,
+    listening_sockets,
+)
 
 
 def test_cluster_address_prefers_the_argument_then_ray_address_then_job_submission(monkeypatch):
@@ -56,6 +62,28 @@ def test_init_ray_a_second_time_keeps_the_running_cluster(ray_cluster):
     address = ray.get_runtime_context().gcs_address
     assert init_ray(num_cpus=1) == address
     assert ray.get_runtime_context().gcs_address == address
+    assert embedded_cluster() == {"dashboard": False}  # the conftest's cluster, started here
+
+
+@pytest.mark.ray
+def test_a_stage_on_the_embedded_cluster_runs_ray_train_without_its_cluster_helpers(ray_cluster):
+    from rlhf.train.trainer import ray_train_env
+
+    env = ray_train_env()
+    assert env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert env["RAY_TRAIN_METRICS_ENABLED"] == "0"  # no dashboard: nothing reads them
+    assert env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+
+
+@pytest.mark.ray
+def test_a_stage_on_a_joined_cluster_keeps_ray_trains_defaults(ray_cluster, monkeypatch):
+    """A cluster this process joined may span nodes that get preempted: Ray's defaults stay."""
+    import rlhf.runtime
+    from rlhf.train.trainer import ray_train_env
+
+    monkeypatch.setattr(rlhf.runtime, "_embedded", {})  # as after init_ray(address=...)
+    assert embedded_cluster() is None
+    assert ray_train_env() == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 def test_a_cluster_at_a_loopback_address_is_joined_in_loopback_mode():
@@ -73,7 +101,9 @@ from rlhf.runtime import init_ray, listening_sockets
 address = init_ray(num_cpus=1, object_store_memory_gb=0.2, dashboard=True)
 from ray.util.state import list_actors
 actors = list_actors(address=address, raise_on_missing_output=False)  # what Ray Train's cleaner polls
-print(json.dumps({"state_api": isinstance(actors, list), "sockets": listening_sockets()}))
+from rlhf.train.trainer import ray_train_env
+print(json.dumps({"state_api": isinstance(actors, list), "sockets": listening_sockets(),
+                  "train_env": ray_train_env()}))
 """
 
 
@@ -90,6 +120,9 @@ def test_embedded_ray_with_dashboard_serves_the_state_api_on_loopback_only():
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["state_api"]
+    # Ray Train keeps its metrics where a dashboard serves; no preemption watcher on one machine.
+    assert "RAY_TRAIN_METRICS_ENABLED" not in result["train_env"]
+    assert result["train_env"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert len(result["sockets"]) > 3, result["sockets"]  # GCS, raylet, dashboard, agents
     exposed = [s for s in result["sockets"] if not is_loopback(s[2])]
     assert exposed == [], f"listening beyond loopback: {exposed}"

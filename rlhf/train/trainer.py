@@ -35,6 +35,24 @@ from rlhf.train.tasks import TASKS
 # finished waited ~3 s more before Ray Train released them; every 0.5 s costs no measurable time.
 # Ray Train reads these from the driver's environment at fit() and hands them to its processes.
 RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# On the embedded cluster (one machine this process started) Ray Train's preemption watcher has no
+# other node to watch, and without a dashboard nothing reads its Prometheus metrics; each is one
+# more process (or its work) on the machine at every stage's start.
+EMBEDDED_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+NO_DASHBOARD_RAY_TRAIN_ENV = {"RAY_TRAIN_METRICS_ENABLED": "0"}
+
+
+def ray_train_env() -> dict[str, str]:
+    """The Ray Train settings a stage runs with on the cluster this process is connected to."""
+    from rlhf.runtime import embedded_cluster
+
+    env = dict(RAY_TRAIN_ENV)
+    embedded = embedded_cluster()
+    if embedded is not None:
+        env.update(EMBEDDED_RAY_TRAIN_ENV)
+        if not embedded["dashboard"]:
+            env.update(NO_DASHBOARD_RAY_TRAIN_ENV)
+    return env
 
 
 class StageFailedError(RuntimeError):
@@ -122,7 +140,7 @@ def run_stage(cfg: Config, stage: str, init_dir: str) -> dict:
         ),
     )
     try:
-        with _environment(RAY_TRAIN_ENV):
+        with _environment(ray_train_env()):
             result = trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; surface the root cause, not the wrapper.
         raise StageFailedError(f"{stage} failed: {_root_cause(exc)}") from exc

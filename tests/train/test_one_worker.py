@@ -66,6 +66,11 @@ def test_one_worker_trains_on_the_torch_engine_and_resumes_to_the_uninterrupted_
     assert startup["process_group"] is False  # one rank: Ray Train forms no torch process group
     assert startup["resumed_step"] is None
     assert startup["launch_s"] > 0 and startup["model_s"] > 0
+    # On the embedded cluster Ray Train starts no preemption watcher (one more process per stage).
+    import ray._private.state
+
+    started = {a["ActorClassName"] for a in ray._private.state.actors().values()}
+    assert "TrainController" in started and "PreemptionWatcher" not in started, started
     rows = [x for x in lines if "step" in x]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["sft/loss"] < rows[0]["sft/loss"]
