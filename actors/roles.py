@@ -270,6 +270,30 @@ class PolicyActor(_Trained, Generates):
         out["compute/train_policy_s"] = time.perf_counter() - t0
         return out
 
+    def train_on_rollouts(
+        self,
+        batch: Any,
+        scores: Any,
+        ref_parts: list,
+        advantage_args: dict,
+        step: int,
+        kl_coef: float,
+        rollout_version: int | None = None,
+    ) -> dict[str, float]:
+        """An on-policy update without a critic, the advantage phase included: the advantages
+        of the sampled `batch` (`rlhf.rl.advantages`, as the driver's helper would compute
+        them; every rank the whole batch), then `train`. `rollout_version`: with
+        rollout.backend='policy', the version the samples of the new weights carry, set once
+        they are trained (the weight sync's only work there). Returns the advantage phase's
+        metrics and the update's."""
+        from rlhf.rl.advantages import advantages_from_parts
+
+        batch, metrics = advantages_from_parts(batch, scores, ref_parts, [], [], advantage_args)
+        metrics.update(self.train(batch, step, kl_coef, on_policy=True))
+        if rollout_version is not None:
+            self.set_rollout_version(rollout_version)
+        return metrics
+
     def full_weights(self, live: bool = False) -> dict[str, torch.Tensor] | None:
         """Plain HF weights (LoRA merged), gathered on rank 0 (None elsewhere); every rank must
         call it. CPU copies by default; `live=True` leaves every tensor where it is and, without

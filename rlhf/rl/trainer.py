@@ -15,7 +15,8 @@ Each step is a checklist of timed phases (`timing/<phase>` in the metrics):
                   update is on-policy (`rl.on_policy_update`): the training forward's own
                   logprobs are the old ones, and it measures the gap
     values        critic values (PPO only)
-    advantages    KL, rewards, GAE or group baselines (a Ray task; the batch stays in the store)
+    advantages    KL, rewards, GAE or group baselines (a helper actor; the batch stays in the
+                  store); on-policy without a critic, inside the policy's train call instead
     train_critic  value regression (PPO only)
     train_policy  PPO epochs over mini-batches (+ KL loss, entropy, PPO-ptx)
     weight_sync   new weights to every engine (object store, or bucketed gloo/NCCL broadcast)
@@ -32,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 
 from rlhf.config import Config
 from rlhf.rl.errors import RLStageError
@@ -66,7 +66,9 @@ class AdvantageWorker:
         kwargs: dict,
     ) -> tuple[Experience, dict]:
         """Returns (batch with advantages, metrics); only the metrics go to the driver."""
-        return _advantages(batch, scores, ref_parts, old_parts, value_parts, kwargs)
+        from rlhf.rl.advantages import advantages_from_parts
+
+        return advantages_from_parts(batch, scores, ref_parts, old_parts, value_parts, kwargs)
 
     def concat(self, parts: list) -> dict:
         from rlhf.rl.experience import concat_rows
@@ -76,46 +78,6 @@ class AdvantageWorker:
             "out": concat_rows([g["out"] for g in got]),
             "compute_s": max(g["compute_s"] for g in got),
         }
-
-
-def _advantages(
-    batch: Experience,
-    scores: Any,
-    ref_parts: list,
-    old_parts: list,
-    value_parts: list,
-    kwargs: dict,
-) -> tuple[Experience, dict]:
-    """`old_parts` empty: the update is on-policy, the engine's logprobs stand in for the old
-    logprobs here (KL in the reward, `kl/` metrics; within ~1e-7 of the trainer's in fp32 after
-    a sync) and the policy's training forward measures the gap. `ref_parts` empty: no
-    reference model (kl_coef 0), no KL."""
-    from rlhf.algorithms import truncated_is_weights
-    from rlhf.rl.experience import compute_advantages, concat_rows, groups_with_signal
-
-    parts = {"ref_logprobs": ref_parts, "old_logprobs": old_parts, "values": value_parts}
-    compute = {}
-    if isinstance(scores, dict):  # from the reward model actors
-        compute["compute/reward_s"] = scores["compute_s"]
-        scores = scores["out"]
-    batch = batch.replace(scores=torch.as_tensor(scores, dtype=torch.float32))
-    for key, refs in parts.items():
-        if refs:
-            got = ray.get(refs)
-            batch = batch.replace(**{key: concat_rows([g["out"] for g in got])})
-            compute[f"compute/{key}_s"] = max(g["compute_s"] for g in got)
-    if not old_parts:
-        batch = batch.replace(old_logprobs=batch.rollout_logprobs)
-    batch, metrics = compute_advantages(batch, **kwargs)
-    signal = groups_with_signal(batch.scores.tolist(), kwargs["group_size"])
-    metrics["reward/flat_group_frac"] = 1.0 - sum(signal) / max(1, len(signal))
-    if old_parts:
-        _, gap = truncated_is_weights(
-            batch.old_logprobs, batch.rollout_logprobs, batch.response_mask
-        )
-        metrics.update(gap)
-    metrics.update(compute)
-    return batch, metrics
 
 
 class RLRun(ActorLayout, RolloutPhase):
@@ -223,25 +185,26 @@ class RLRun(ActorLayout, RolloutPhase):
         if rl.algorithm == "ppo":
             with phase(t, "values"):
                 value_parts = wait_refs(self.groups["critic"].call_async("values", batch_ref))
-        with phase(t, "advantages"):
-            adv_ref, metrics_ref = self.helper.compute.remote(
-                batch_ref,
-                scores,
-                ref_parts,
-                old_parts,
-                value_parts,
-                dict(
-                    algorithm=rl.algorithm,
-                    group_size=rl.samples_per_prompt,
-                    kl_coef=self.kl.value,
-                    kl_estimator=rl.kl_estimate,
-                    kl_in_reward=rl.kl_as_reward,
-                    gamma=rl.gamma,
-                    lam=rl.lam,
-                    whiten=rl.whiten_advantages,
-                ),
-            )
-            metrics = ray.get(metrics_ref)
+        advantage_args = dict(
+            algorithm=rl.algorithm,
+            group_size=rl.samples_per_prompt,
+            kl_coef=self.kl.value,
+            kl_estimator=rl.kl_estimate,
+            kl_in_reward=rl.kl_as_reward,
+            gamma=rl.gamma,
+            lam=rl.lam,
+            whiten=rl.whiten_advantages,
+        )
+        # On-policy without a critic nothing needs the advantages before the update: the policy
+        # computes them in its own train call (`train_on_rollouts`), one round trip fewer.
+        fused = on_policy and rl.algorithm != "ppo"
+        metrics: dict[str, float] = {}
+        if not fused:
+            with phase(t, "advantages"):
+                adv_ref, metrics_ref = self.helper.compute.remote(
+                    batch_ref, scores, ref_parts, old_parts, value_parts, advantage_args
+                )
+                metrics = ray.get(metrics_ref)
         if not on_policy and not any(lags):  # older weights' samples differ by design
             self._check_gap(step, metrics, "")
         if rl.engines_sleep:  # GPU: engines sharing the policy's GPUs free them while it trains
@@ -251,9 +214,23 @@ class RLRun(ActorLayout, RolloutPhase):
             with phase(t, "train_critic"):
                 critic_metrics = ray.get(self.groups["critic"].call_async("train", adv_ref, step))
             metrics.update(critic_metrics[0])
+        # rollout.backend='policy': the update itself stamps the samples of its new weights.
+        stamp = self.version + 1 if fused and rl.generates_in_policy else None
         with phase(t, "train_policy"):
+            policy = self.groups["policy"]
             policy_metrics = ray.get(
-                self.groups["policy"].call_async("train", adv_ref, step, self.kl.value, on_policy)
+                policy.call_async(
+                    "train_on_rollouts",
+                    batch_ref,
+                    scores,
+                    ref_parts,
+                    advantage_args,
+                    step,
+                    self.kl.value,
+                    stamp,
+                )
+                if fused
+                else policy.call_async("train", adv_ref, step, self.kl.value, on_policy)
             )
         metrics.update(policy_metrics[0])
         if on_policy:  # the gap was measured by the update's own forward
@@ -266,7 +243,10 @@ class RLRun(ActorLayout, RolloutPhase):
             )
         with phase(t, "weight_sync"):
             try:
-                self.sync_weights()
+                if stamp is None:
+                    self.sync_weights()
+                else:  # the policy's samples already carry the new version
+                    self.version = stamp
             except recoverable() as exc:  # the policy has trained: re-sync, don't redo the step
                 from rlhf.rl.faults import resync_after_train
 

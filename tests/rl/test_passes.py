@@ -95,6 +95,7 @@ def test_an_on_policy_step_skips_both_passes_and_makes_the_update_of_the_separat
         w_on = _weights(run)
         for key in ("timing/logprobs", "timing/ref", "compute/old_logprobs_s", "kl/mean_per_token"):
             assert key not in on, key
+        assert "timing/advantages" not in on  # computed inside the policy's update
         assert on["advantages/abs_mean"] > 0
         assert on["rollout/logprob_gap"] < 1e-4  # measured by the training forward
 
@@ -104,6 +105,7 @@ def test_an_on_policy_step_skips_both_passes_and_makes_the_update_of_the_separat
         sep = run.step(0)
         w_sep = _weights(run)
         assert sep["timing/logprobs"] > 0 and sep["compute/old_logprobs_s"] > 0
+        assert sep["timing/advantages"] > 0  # by the driver's helper
         for key in ("reward/score_mean", "response/length_mean", "advantages/abs_mean"):
             assert on[key] == sep[key], key  # the same samples and advantages
         assert sep["rollout/logprob_gap"] < 1e-4
@@ -117,5 +119,27 @@ def test_an_on_policy_step_skips_both_passes_and_makes_the_update_of_the_separat
         ray.get(run.groups["rollout"].actors[0].load_weights.remote(w0_buckets, run.version))
         with pytest.raises(StaleEngineError, match="logprob gap .* on-policy update's forward"):
             run.step(1)
+    finally:
+        run.shutdown()
+
+
+def test_an_on_policy_update_in_the_policys_actor_stamps_its_samples_without_a_sync(
+    tmp_path, tiny_dir, ray_cluster
+):
+    """rollout.backend='policy', on-policy: the update computes the advantages and stamps the
+    samples of its new weights itself (no advantage helper, no version call); the next step's
+    samples come from those weights (no gap at lr 1e-2) and carry the driver's version."""
+    cfg = rl_config(tmp_path, *ON_POLICY, "rl.rollout.backend=policy")
+    run = RLRun(cfg, str(tiny_dir), None, reward_fn=lambda question, answer, label: _coin(answer))
+    try:
+        (policy,) = run.groups["policy"].actors
+        steps = [run.step(step) for step in range(2)]
+        for m in steps:
+            assert "timing/advantages" not in m and "advantages/abs_mean" in m
+            assert m["rollout/logprob_gap"] < 1e-4
+        assert max(m["advantages/abs_mean"] for m in steps) > 0  # a real policy gradient
+        assert run.version == steps[-1]["policy/version"] == 2
+        samples, _ = ray.get(policy.generate.remote([[2, 6, 7, 1, 4]], 2, 4, 1.0, 1.0, 0))
+        assert [s.weights_version for s in samples] == [2, 2]
     finally:
         run.shutdown()
