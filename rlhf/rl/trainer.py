@@ -9,7 +9,8 @@ Each step is a checklist of timed phases (`timing/<phase>` in the metrics):
                   step(s) trained (rlhf/rl/ahead.py), and this phase is the wait for them
     reward        rule function, reward model actors, or an HTTP endpoint
     ref           reference logprobs              (object refs, actor to actor); skipped, and
-                  no reference actors started, when nothing reads them (`rl.needs_reference`)
+                  no reference actors started, when nothing reads them (`rl.needs_reference`);
+                  on-policy without a critic, waited for inside `train_policy` instead
     logprobs      the policy's own logprobs of the sampled tokens (PPO's old logprobs, and
                   the trainer-vs-engine gap check `rollout/logprob_gap`); skipped when the
                   update is on-policy (`rl.on_policy_update`): the training forward's own
@@ -175,9 +176,18 @@ class RLRun(ActorLayout, RolloutPhase):
         if rl.reward.kind == "model":  # a rule on the same answers, to catch reward hacking
             metrics_rollout.update(self._gold_mean(prompts, samples))
         on_policy, ref_parts, old_parts = rl.on_policy_update, [], []
+        # On-policy without a critic nothing needs the advantages before the update: the policy
+        # computes them in its own train call (`train_on_rollouts`), one round trip fewer, and
+        # waits there for the reference's logprobs (their wait is part of `train_policy`).
+        fused = on_policy and rl.algorithm != "ppo"
         if "reference" in self.groups:  # started only when something reads its logprobs
-            with phase(t, "ref"):
-                ref_parts = wait_refs(self.groups["reference"].call_async("logprobs", batch_ref))
+            if fused:
+                ref_parts = self.groups["reference"].call_async("logprobs", batch_ref)
+            else:
+                with phase(t, "ref"):
+                    ref_parts = wait_refs(
+                        self.groups["reference"].call_async("logprobs", batch_ref)
+                    )
         if not on_policy:
             with phase(t, "logprobs"):
                 old_parts = wait_refs(self.groups["policy"].call_async("logprobs", batch_ref))
@@ -195,9 +205,6 @@ class RLRun(ActorLayout, RolloutPhase):
             lam=rl.lam,
             whiten=rl.whiten_advantages,
         )
-        # On-policy without a critic nothing needs the advantages before the update: the policy
-        # computes them in its own train call (`train_on_rollouts`), one round trip fewer.
-        fused = on_policy and rl.algorithm != "ppo"
         metrics: dict[str, float] = {}
         if not fused:
             with phase(t, "advantages"):

@@ -143,3 +143,29 @@ def test_an_on_policy_update_in_the_policys_actor_stamps_its_samples_without_a_s
         assert [s.weights_version for s in samples] == [2, 2]
     finally:
         run.shutdown()
+
+
+def test_an_on_policy_update_with_a_reference_waits_for_it_in_the_policys_call(
+    tmp_path, tiny_dir, ray_cluster
+):
+    """kl_coef > 0: the reference runs; on-policy, the driver does not wait for its logprobs
+    (the policy's update does): the same KL and the same update as the separate passes."""
+    cfg = rl_config(tmp_path, *ON_POLICY[:1], *ON_POLICY[2:], "rl.kl_coef=0.5")
+    run = RLRun(cfg, str(tiny_dir), None, reward_fn=lambda question, answer, label: _coin(answer))
+    try:
+        start, _ = run.save_checkpoint({})
+        on = run.step(0)
+        w_on = _weights(run)
+        assert "timing/ref" not in on and "timing/advantages" not in on
+        assert on["compute/ref_logprobs_s"] > 0
+        run.restore(start)
+        run.rl = run.rl.model_copy(update={"skip_passes": "never"})
+        sep = run.step(0)
+        w_sep = _weights(run)
+        assert sep["timing/ref"] > 0
+        for key in ("kl/mean_per_token", "policy/kl_loss", "advantages/abs_mean"):
+            assert on[key] == pytest.approx(sep[key], rel=1e-5, abs=1e-7), key
+        apart = max((w_on[k] - w_sep[k]).abs().max().item() for k in w_on)
+        assert apart <= 1e-6, apart
+    finally:
+        run.shutdown()
