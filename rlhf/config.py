@@ -579,6 +579,12 @@ class RLConfig(Section):
         return self.prompts_per_step * self.samples_per_prompt
 
     @property
+    def advantages_in_policy(self) -> bool:
+        """On-policy without a critic nothing needs the advantages before the update: the
+        policy computes them (and waits for the reference's logprobs) in its own train call."""
+        return self.on_policy_update and self.algorithm != "ppo"
+
+    @property
     def on_policy_update(self) -> bool:
         """One optimizer step on the whole batch of samples from the current weights: the
         training forward's own logprobs (detached) are the old logprobs, no separate pass."""

@@ -176,10 +176,8 @@ class RLRun(ActorLayout, RolloutPhase):
         if rl.reward.kind == "model":  # a rule on the same answers, to catch reward hacking
             metrics_rollout.update(self._gold_mean(prompts, samples))
         on_policy, ref_parts, old_parts = rl.on_policy_update, [], []
-        # On-policy without a critic nothing needs the advantages before the update: the policy
-        # computes them in its own train call (`train_on_rollouts`), one round trip fewer, and
-        # waits there for the reference's logprobs (their wait is part of `train_policy`).
-        fused = on_policy and rl.algorithm != "ppo"
+        # `train_on_rollouts`: one round trip fewer; the reference's wait is in `train_policy`.
+        fused = rl.advantages_in_policy
         if "reference" in self.groups:  # started only when something reads its logprobs
             if fused:
                 ref_parts = self.groups["reference"].call_async("logprobs", batch_ref)

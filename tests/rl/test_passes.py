@@ -55,6 +55,8 @@ def test_the_reference_is_left_out_only_when_nothing_reads_it():
     # tiny_cpu.yaml: 64 x 8 samples in mini-batches of 128, 4 optimizer steps: off-policy.
     assert not rl().on_policy_update
     assert rl("rl.mini_batch_size=512").on_policy_update
+    assert not rl("rl.mini_batch_size=512").advantages_in_policy  # the demo's PPO: a critic
+    assert rl("rl.mini_batch_size=512", "rl.algorithm=grpo").advantages_in_policy
     assert not rl("rl.mini_batch_size=512", "rl.ppo_epochs=2").on_policy_update
     assert not rl("rl.mini_batch_size=512", "rl.skip_passes=never").on_policy_update
 
