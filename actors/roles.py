@@ -95,6 +95,34 @@ def _engine(
     )
 
 
+def _frozen_reference(cfg: Config, model_path: str, on_gpu: bool) -> torch.nn.Module:
+    """The reference policy as `rl.reference` asks (precision, ZeRO stage), frozen."""
+    from rlhf import engine as eng
+    from rlhf.models.factory import load_causal_lm
+
+    ref = cfg.rl.reference
+    dtype = eng.precision_dtype(ref.precision, on_gpu)
+    model = load_causal_lm(model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    return eng.init_frozen(model, ref.zero_stage, ref.micro_batch_size, dtype)
+
+
+def _reference_logprobs(rank: Any, model: torch.nn.Module, batch: Any) -> dict:
+    """The reference's logprobs of `rank`'s rows of the sampled batch, as a part."""
+    from rlhf.rl.worker import my_rows, response_logprobs
+
+    t0 = time.perf_counter()
+    mine = rank._to_device(my_rows(batch, rank.rank, rank.world))
+    rl = rank.rl
+    out = response_logprobs(
+        model,
+        mine,
+        rl.reference.micro_batch_size,
+        rl.rollout.temperature,
+        rl.shared_prompt_forward,
+    )
+    return {"out": out.cpu(), "compute_s": time.perf_counter() - t0}
+
+
 class _Trained(_Rank):
     """A trained role (policy, critic) and its engine: checkpoint state and the abort on
     repeated non-finite updates."""
@@ -161,9 +189,10 @@ def _optimizer_steps(rl: Any, rl_steps: int | None = None) -> int:
 
 class PolicyActor(_Trained, Generates):
     """The trained policy: logprobs, PPO updates, weights for the rollout engines; with
-    rollout.backend='policy' the rollout engine itself (`generate`, from its training module)."""
+    rollout.backend='policy' the rollout engine itself (`generate`, from its training module);
+    with `reference_path` (rl.reference_in_policy) the frozen reference too."""
 
-    def __init__(self, cfg: Config, model_path: str) -> None:
+    def __init__(self, cfg: Config, model_path: str, reference_path: str | None = None) -> None:
         from rlhf.models.factory import load_trainable_lm
 
         rl = self.rl = cfg.rl
@@ -179,6 +208,9 @@ class PolicyActor(_Trained, Generates):
             lora=rl.policy.lora,
         )
         self.engine = _engine(model, rl.policy, rl, _optimizer_steps(rl), self.on_gpu, self.world)
+        self.reference = None
+        if reference_path is not None:
+            self.reference = _frozen_reference(cfg, reference_path, self.on_gpu)
         self.model_path = model_path
         self.role_name = "policy"
         self.version = 0
@@ -243,12 +275,22 @@ class PolicyActor(_Trained, Generates):
         )
         return {"out": out.cpu(), "compute_s": time.perf_counter() - t0}
 
+    def reference_logprobs(self, batch: dict) -> dict:
+        """The frozen reference's logprobs of this rank's rows (as `ReferenceActor.logprobs`)."""
+        return _reference_logprobs(self, self.reference, batch)
+
     def train(
-        self, batch: dict, step: int, kl_coef: float, on_policy: bool = False
+        self,
+        batch: dict,
+        step: int,
+        kl_coef: float,
+        on_policy: bool = False,
+        gap_in_first: bool = False,
     ) -> dict[str, float]:
         """PPO epochs on the batch; `kl_coef` is the KL controller's live coefficient.
         `on_policy`: no old logprobs were computed; the update's forward stands in for them and
-        returns the trainer-vs-engine gap (`rollout/logprob_gap`)."""
+        returns the trainer-vs-engine gap (`rollout/logprob_gap`). `gap_in_first`: the old
+        logprobs are the sampler's (this actor's own); the first mini-batch measures the gap."""
         from rlhf.rl.worker import policy_update
 
         t0 = time.perf_counter()
@@ -264,6 +306,7 @@ class PolicyActor(_Trained, Generates):
             self.ptx,
             kl_coef,
             on_policy,
+            gap_in_first,
         )
         self.version += 1
         self._check_nonfinite(out)
@@ -284,9 +327,13 @@ class PolicyActor(_Trained, Generates):
         of the sampled `batch` (`rlhf.rl.advantages`, as the driver's helper would compute
         them; every rank the whole batch), then `train`. `rollout_version`: with
         rollout.backend='policy', the version the samples of the new weights carry, set once
-        they are trained (the weight sync's only work there). Returns the advantage phase's
-        metrics and the update's."""
+        they are trained (the weight sync's only work there). A policy holding the reference
+        computes its logprobs here (`ref_parts` empty). Returns the advantage phase's metrics
+        and the update's."""
         from rlhf.rl.advantages import advantages_from_parts
+
+        if self.reference is not None:
+            ref_parts = [self.reference_logprobs(batch)]
 
         batch, metrics = advantages_from_parts(batch, scores, ref_parts, [], [], advantage_args)
         metrics.update(self.train(batch, step, kl_coef, on_policy=True))
@@ -386,32 +433,12 @@ class ReferenceActor(_Rank):
     """The frozen reference policy: logprobs for the KL term."""
 
     def __init__(self, cfg: Config, model_path: str) -> None:
-        from rlhf import engine as eng
-        from rlhf.models.factory import load_causal_lm
-
         self.rl = cfg.rl
         self._setup(cfg.rl.reference, model_path)
-        dtype = eng.precision_dtype(cfg.rl.reference.precision, self.on_gpu)
-        self.model = load_causal_lm(
-            model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
-        )
-        self.model = eng.init_frozen(
-            self.model, cfg.rl.reference.zero_stage, cfg.rl.reference.micro_batch_size, dtype
-        )
+        self.model = _frozen_reference(cfg, model_path, self.on_gpu)
 
     def logprobs(self, batch: dict) -> dict:
-        from rlhf.rl.worker import my_rows, response_logprobs
-
-        t0 = time.perf_counter()
-        mine = self._to_device(my_rows(batch, self.rank, self.world))
-        out = response_logprobs(
-            self.model,
-            mine,
-            self.rl.reference.micro_batch_size,
-            self.rl.rollout.temperature,
-            self.rl.shared_prompt_forward,
-        )
-        return {"out": out.cpu(), "compute_s": time.perf_counter() - t0}
+        return _reference_logprobs(self, self.model, batch)
 
 
 class RewardActor(_Rank):

@@ -346,6 +346,19 @@ class RoleConfig(Section):
     micro_batch_size: int = Field(16, ge=1, description="Rows per forward pass per actor.")
 
 
+class ReferenceConfig(RoleConfig):
+    """The frozen reference policy of the KL term."""
+
+    placement: Literal["auto", "actor", "policy"] = Field(
+        "auto",
+        description="actor: actors of its own; policy: a frozen copy inside the policy's one "
+        "actor (no reference actors, no call between processes per step; num_actors, "
+        "cpus_per_actor and gpus_per_actor here are then unused); auto: policy when the "
+        "reference would share the policy's CPU bundles (rl.colocate) and the policy has one "
+        "actor (on GPUs auto keeps actors).",
+    )
+
+
 class TrainRoleConfig(RoleConfig):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
@@ -532,7 +545,7 @@ class RLConfig(Section):
     )
     policy: TrainRoleConfig = Field(default_factory=TrainRoleConfig)
     critic: TrainRoleConfig = Field(default_factory=lambda: TrainRoleConfig(lr=5e-5))
-    reference: RoleConfig = Field(default_factory=RoleConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     reward_model: RoleConfig = Field(default_factory=RoleConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     reward: RewardSourceConfig = Field(default_factory=RewardSourceConfig)
@@ -596,14 +609,41 @@ class RLConfig(Section):
         )
 
     @property
+    def old_logprobs_from_sampler(self) -> bool:
+        """Samples from the policy's own current weights (rollout.backend='policy', synchronous,
+        top_p 1): the logprobs they were sampled with are the old logprobs (the same module's
+        forward up to float rounding: mean gap 3.7e-7 on the demo's PPO), so no separate
+        old-logprob forward even with several mini-batches or epochs; the first mini-batch's
+        training forward, before any update, measures the gap instead."""
+        return (
+            self.skip_passes == "auto"
+            and self.generates_in_policy
+            and self.max_staleness == 0
+            and self.rollout.top_p == 1.0
+        )
+
+    @property
     def needs_reference(self) -> bool:
         """The reference model is run only for a KL term that can be non-zero (an adaptive
         controller reads the KL too), or with skip_passes='never'."""
         return self.skip_passes == "never" or self.kl_coef > 0 or self.kl_controller == "adaptive"
 
+    @property
+    def reference_in_policy(self) -> bool:
+        """The reference's logprobs come from a frozen copy inside the policy's actor
+        (`reference.placement`); with auto, where it would share the policy's CPU bundles anyway:
+        one process fewer, no call and no copy of its logprobs between processes each step."""
+        if not self.needs_reference or self.reference.placement == "actor":
+            return False
+        if self.reference.placement == "policy":
+            return True
+        together = any("policy" in g and "reference" in g for g in self.colocate)
+        return together and self.policy.num_actors == 1 and self.policy.gpus_per_actor == 0
+
     def roles(self) -> list[str]:
-        """The roles this algorithm, KL setting and reward source need."""
-        roles = ["policy", *(["reference"] if self.needs_reference else [])]
+        """The roles this algorithm, KL setting and reward source need (actors of their own)."""
+        own_reference = self.needs_reference and not self.reference_in_policy
+        roles = ["policy", *(["reference"] if own_reference else [])]
         if not self.generates_in_policy:
             roles.append("rollout")
         if self.algorithm == "ppo":
@@ -668,6 +708,12 @@ class RLConfig(Section):
                     "versions: set truncated_is_cap (e.g. 2.0), the importance-weight correction "
                     "for them"
                 )
+        if self.reference.placement == "policy" and self.policy.num_actors > 1:
+            raise ValueError(
+                f"reference.placement='policy' with policy.num_actors={self.policy.num_actors}: "
+                "the reference rides in the policy's one actor; use reference.placement='actor' "
+                "(or 'auto') for a data-parallel policy"
+            )
         if self.ptx_coef > 0 and not self.ptx_files:
             raise ValueError(f"ptx_coef={self.ptx_coef} needs ptx_files")
         if self.rollout.weight_sync == "nccl" and (

@@ -223,7 +223,9 @@ def test_a_tensor_parallel_engine_holds_whole_gpus_and_cpu_engines_cannot_shard(
 
 def test_generating_in_the_policy_drops_the_rollout_role_and_refuses_what_it_cannot_do():
     base = ["run.stages=[]", "rl.rollout.backend=policy"]
-    cfg = load_config(None, [*base, "rl.colocate=[[policy, reference, rollout]]"])
+    cfg = load_config(
+        None, [*base, "rl.colocate=[[policy, reference, rollout]]", "rl.reference.placement=actor"]
+    )
     assert "rollout" not in cfg.rl.roles() and cfg.rl.generates_in_policy
     assert cfg.rl.colocated_groups() == [["policy", "reference"]]
     assert "rollout" not in cfg.rl.resource_requests(2.0)

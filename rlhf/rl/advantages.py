@@ -28,7 +28,8 @@ def advantages_from_parts(
     """`old_parts` empty: the update is on-policy, the engine's logprobs stand in for the old
     logprobs here (KL in the reward, `kl/` metrics; within ~1e-7 of the trainer's in fp32 after
     a sync) and the policy's training forward measures the gap. `ref_parts` empty: no
-    reference model (kl_coef 0), no KL."""
+    reference model (kl_coef 0), no KL. A part is an object ref or, computed in this process
+    (the policy holding the reference), the `{"out", "compute_s"}` dict itself."""
     from rlhf.algorithms import truncated_is_weights
     from rlhf.rl.experience import compute_advantages, concat_rows, groups_with_signal
 
@@ -40,7 +41,7 @@ def advantages_from_parts(
     batch = batch.replace(scores=torch.as_tensor(scores, dtype=torch.float32))
     for key, refs in parts.items():
         if refs:
-            got = ray.get(refs)
+            got = [p if isinstance(p, dict) else ray.get(p) for p in refs]
             batch = batch.replace(**{key: concat_rows([g["out"] for g in got])})
             compute[f"compute/{key}_s"] = max(g["compute_s"] for g in got)
     if not old_parts:

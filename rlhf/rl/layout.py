@@ -1,8 +1,9 @@
 """RLRun's set-up: prompts, length checks, and the role actors on their placement groups.
 
-A mixin of `rlhf.rl.trainer.RLRun` (it reads `self.cfg`, `self.rl`, `self.tok`, `self.groups`):
-the roles this config needs (`rl.roles()`), each as an `actors.group.ActorGroup`, colocated ones on
-their host's bundles; the weight-sync group for a gloo/NCCL broadcast.
+A mixin of `rlhf.rl.trainer.RLRun` (it reads `self.cfg`, `self.rl`, `self.tok`, `self.groups`,
+`self.policy_holds_reference`): the roles this config needs (`rl.roles()`), each as an
+`actors.group.ActorGroup`, colocated ones on their host's bundles; the weight-sync group for a
+gloo/NCCL broadcast.
 """
 
 from __future__ import annotations
@@ -107,6 +108,9 @@ class ActorLayout:
         from actors.rollout import RolloutActor
 
         rl = self.rl
+        # the policy's actor holds the frozen reference: it loads it again when re-created
+        holds = self.policy_holds_reference
+        extra = {"policy": {"reference_path": paths["reference"]}} if holds else {}
         order = sorted(rl.roles(), key=lambda r: (host.get(r, r) != r, r != "policy"))
         for role in order:
             spec = rl.rollout if role == "rollout" else getattr(rl, role)
@@ -127,7 +131,7 @@ class ActorLayout:
                 cpus_per_actor=cpus,
                 gpus_per_actor=gpus,
                 colocate_with=groups[first] if first else None,
-                actor_kwargs={"cfg": self.cfg, "model_path": paths[role]},
+                actor_kwargs={"cfg": self.cfg, "model_path": paths[role], **extra.get(role, {})},
             )
 
     def engine_actors(self) -> list:

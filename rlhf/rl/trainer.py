@@ -10,11 +10,14 @@ Each step is a checklist of timed phases (`timing/<phase>` in the metrics):
     reward        rule function, reward model actors, or an HTTP endpoint
     ref           reference logprobs              (object refs, actor to actor); skipped, and
                   no reference actors started, when nothing reads them (`rl.needs_reference`);
-                  on-policy without a critic, waited for inside `train_policy` instead
+                  on-policy without a critic, waited for inside `train_policy` instead; from
+                  the policy's own actor with `rl.reference_in_policy` (in `train_policy` too)
     logprobs      the policy's own logprobs of the sampled tokens (PPO's old logprobs, and
                   the trainer-vs-engine gap check `rollout/logprob_gap`); skipped when the
                   update is on-policy (`rl.on_policy_update`): the training forward's own
-                  logprobs are the old ones, and it measures the gap
+                  logprobs are the old ones, and it measures the gap; skipped when the policy
+                  sampled them itself (`rl.old_logprobs_from_sampler`): the sampling logprobs
+                  are the old ones, and the first mini-batch's forward measures the gap
     values        critic values (PPO only)
     advantages    KL, rewards, GAE or group baselines (a helper actor; the batch stays in the
                   store); on-policy without a critic, inside the policy's train call instead
@@ -130,6 +133,7 @@ class RLRun(ActorLayout, RolloutPhase):
             else KL_CONTROLLERS["adaptive"](rl.kl_coef, rl.kl_target, rl.kl_horizon)
         )
         self._check_lengths(policy_dir)
+        self.policy_holds_reference = rl.reference_in_policy  # as started
         self.groups = self._start_actors(
             policy_dir, reward_model_dir, critic_init_dir or reward_model_dir or policy_dir
         )
@@ -178,7 +182,12 @@ class RLRun(ActorLayout, RolloutPhase):
         on_policy, ref_parts, old_parts = rl.on_policy_update, [], []
         # `train_on_rollouts`: one round trip fewer; the reference's wait is in `train_policy`.
         fused = rl.advantages_in_policy
-        if "reference" in self.groups:  # started only when something reads its logprobs
+        if self.policy_holds_reference and not fused:  # the policy's actor holds it
+            with phase(t, "ref"):
+                ref_parts = wait_refs(
+                    self.groups["policy"].call_async("reference_logprobs", batch_ref)
+                )
+        elif "reference" in self.groups:  # started only when something reads its logprobs
             if fused:
                 ref_parts = self.groups["reference"].call_async("logprobs", batch_ref)
             else:
@@ -186,7 +195,9 @@ class RLRun(ActorLayout, RolloutPhase):
                     ref_parts = wait_refs(
                         self.groups["reference"].call_async("logprobs", batch_ref)
                     )
-        if not on_policy:
+        # the policy sampled these with its current weights: their logprobs are the old ones
+        from_sampler = not on_policy and rl.old_logprobs_from_sampler
+        if not on_policy and not from_sampler:
             with phase(t, "logprobs"):
                 old_parts = wait_refs(self.groups["policy"].call_async("logprobs", batch_ref))
         value_parts = []
@@ -210,7 +221,7 @@ class RLRun(ActorLayout, RolloutPhase):
                     batch_ref, scores, ref_parts, old_parts, value_parts, advantage_args
                 )
                 metrics = ray.get(metrics_ref)
-        if not on_policy and not any(lags):  # older weights' samples differ by design
+        if old_parts and not any(lags):  # older weights' samples differ by design
             self._check_gap(step, metrics, "")
         if rl.engines_sleep:  # GPU: engines sharing the policy's GPUs free them while it trains
             with phase(t, "engine_sleep"):
@@ -235,14 +246,17 @@ class RLRun(ActorLayout, RolloutPhase):
                     stamp,
                 )
                 if fused
-                else policy.call_async("train", adv_ref, step, self.kl.value, on_policy)
+                else policy.call_async(
+                    "train", adv_ref, step, self.kl.value, on_policy, from_sampler
+                )
             )
         metrics.update(policy_metrics[0])
-        if on_policy:  # the gap was measured by the update's own forward
+        if on_policy or from_sampler:  # the gap was measured by the update's own forward
             self._check_gap(
                 step,
                 metrics,
-                " (measured in the on-policy update's forward: the stage stops before the weight "
+                f" (measured in the {'on-policy ' if on_policy else ''}update's "
+                f"{'' if on_policy else 'first '}forward: the stage stops before the weight "
                 "sync and before any checkpoint, so the update is never used; a model with "
                 "dropout active in training shows a gap here too: set rl.skip_passes=never)",
             )

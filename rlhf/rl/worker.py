@@ -168,6 +168,7 @@ def policy_update(
     ptx_rows: Iterator[dict] | None = None,
     kl_coef: float | None = None,
     on_policy: bool = False,
+    gap_in_first: bool = False,
 ) -> dict[str, float]:
     """PPO epochs over shuffled mini-batches: clipped surrogate (+ KL loss, entropy, PPO-ptx).
 
@@ -177,9 +178,14 @@ def policy_update(
     forward's own, detached (ratio 1; the same gradient as a separate forward would give, without
     running it), and this forward measures the trainer-vs-engine gap (`rollout/logprob_gap`: the
     mean over micro-batches of each one's token mean).
+    `gap_in_first` (`rl.old_logprobs_from_sampler`: the old logprobs are the sampler's own): the
+    first mini-batch's forwards, before any update, measure that gap instead.
     """
     kl_coef = rl.kl_coef if kl_coef is None else kl_coef
     temperature = rl.rollout.temperature
+    gas = rl.mini_batch_size // (role.micro_batch_size * world)
+    first_left = [gas if gap_in_first else 0]  # micro-batches of the first mini-batch to come
+    gap_sums: dict[str, float] = {}
 
     def loss_fn(chunk: Experience, norm: float, gas: int) -> tuple[torch.Tensor, dict]:
         mask = chunk.response_mask
@@ -187,6 +193,9 @@ def policy_update(
         logits = logits / temperature
         logp = token_logprobs(logits, response_tokens(chunk))
         old = logp.detach() if on_policy else chunk.old_logprobs
+        if first_left[0] > 0:  # the weights that sampled: no optimizer step yet
+            first_left[0] -= 1
+            _add(gap_sums, truncated_is_weights(logp.detach(), chunk.rollout_logprobs, mask)[1])
         is_weights = None
         metrics: dict[str, float] = {}
         if on_policy or rl.truncated_is_cap is not None:
@@ -231,7 +240,10 @@ def policy_update(
             metrics["policy/ptx_loss"] = ptx_nll.item()
         return loss, metrics
 
-    return _updates(engine, batch, rl, role, rank, world, step, loss_fn, "policy")
+    out = _updates(engine, batch, rl, role, rank, world, step, loss_fn, "policy")
+    if gap_in_first:  # over the first mini-batch's micro-batches of every rank
+        out.update(_average(gap_sums, float(gas)))
+    return out
 
 
 def critic_update(

@@ -105,7 +105,12 @@ def test_every_role_on_one_bundle_computes_with_all_its_cores_and_learns(
     cluster: each actor runs 2 torch threads, the phases take turns, and the run learns as the
     separate layout does (the engines follow the trained weights exactly)."""
     cfg = rl_config(
-        tmp_path, "rl.algorithm=ppo", EVERYTHING, "rl.colocate_cpus=all", "rl.policy.warmup_steps=0"
+        tmp_path,
+        "rl.algorithm=ppo",
+        EVERYTHING,
+        "rl.colocate_cpus=all",
+        "rl.policy.warmup_steps=0",
+        "rl.reference.placement=actor",  # an actor of its own (auto: inside the policy's)
     )
     run = RLRun(cfg, str(tiny_dir), reward_model_dir=None)
     try:

@@ -61,6 +61,35 @@ def test_the_reference_is_left_out_only_when_nothing_reads_it():
     assert not rl("rl.mini_batch_size=512", "rl.skip_passes=never").on_policy_update
 
 
+def test_the_reference_rides_in_the_policys_actor_where_it_would_share_its_cpu_bundles():
+    from rlhf.config import ConfigError
+    from rlhf.kuberay import worker_groups
+
+    def cfg(*extra):
+        return load_config(REPO / "configs/tiny_cpu.yaml", ["run.stages=[rl]", *extra])
+
+    demo = cfg().rl  # every role on one CPU bundle, one policy actor
+    assert demo.reference_in_policy and "reference" not in demo.roles()
+    assert "reference" not in demo.resource_requests(2.0)
+    assert "rl-reference" not in [g.name for g in worker_groups(cfg())]
+    apart = ["rl.colocate=[]", "rl.colocate_cpus=null"]
+    assert not cfg(*apart).rl.reference_in_policy and "reference" in cfg(*apart).rl.roles()
+    assert cfg(*apart, "rl.reference.placement=policy").rl.reference_in_policy
+    assert not cfg("rl.reference.placement=actor").rl.reference_in_policy
+    assert not cfg("rl.kl_coef=0").rl.reference_in_policy  # no reference at all
+    two = ["rl.policy.num_actors=2", "rl.reference.num_actors=2", "rl.critic.num_actors=2"]
+    assert not cfg(*two).rl.reference_in_policy  # auto: a data-parallel policy keeps actors
+    gpu = [
+        "rl.colocate=[[policy, reference]]",
+        "rl.colocate_cpus=null",
+        "rl.policy.gpus_per_actor=0.5",
+        "rl.reference.gpus_per_actor=0.5",
+    ]
+    assert not cfg(*gpu).rl.reference_in_policy  # auto keeps actors on GPUs
+    with pytest.raises(ConfigError, match=r"reference.placement='policy' with policy.num_actors=2"):
+        cfg(*two, "rl.reference.placement=policy")
+
+
 def test_advantages_without_a_reference_are_those_of_kl_coef_0_and_report_no_kl():
     from test_experience import _batch
 
@@ -169,5 +198,81 @@ def test_an_on_policy_update_with_a_reference_waits_for_it_in_the_policys_call(
             assert on[key] == pytest.approx(sep[key], rel=1e-5, abs=1e-7), key
         apart = max((w_on[k] - w_sep[k]).abs().max().item() for k in w_on)
         assert apart <= 1e-6, apart
+    finally:
+        run.shutdown()
+
+
+@pytest.mark.e2e
+def test_a_reference_in_the_policys_actor_gives_the_updates_of_a_reference_actor(
+    tmp_path, tiny_dir, ray_cluster
+):
+    """After one update (the policy has left the reference), the same second step on-policy (the
+    policy computes the KL and advantages itself) and with the separate passes (the driver's
+    `ref` phase calls the policy's actor), with the reference in the policy's actor and in
+    actors of its own: the same KL, advantages and weights."""
+    base = [*ON_POLICY[:1], *ON_POLICY[2:], "rl.kl_coef=0.5", "rl.rollout.backend=policy"]
+    got = {}
+    for placement in ("policy", "actor"):
+        cfg = rl_config(tmp_path / placement, *base, f"rl.reference.placement={placement}")
+        run = RLRun(cfg, str(tiny_dir), None, reward_fn=lambda q, answer, label: _coin(answer))
+        try:
+            assert ("reference" in run.groups) == (placement == "actor")
+            run.step(0)
+            run.steps_done = 1
+            start, _ = run.save_checkpoint({})
+            on = run.step(1)
+            w_on = _weights(run)
+            run.restore(start)
+            run.rl = run.rl.model_copy(update={"skip_passes": "never"})
+            sep = run.step(1)
+            got[placement] = (on, w_on, sep, _weights(run))
+        finally:
+            run.shutdown()
+    (on, w_on, sep, w_sep), (on_a, w_on_a, sep_a, w_sep_a) = got["policy"], got["actor"]
+    assert on["compute/ref_logprobs_s"] > 0 and "timing/ref" not in on
+    assert sep["timing/ref"] > 0 and sep["compute/ref_logprobs_s"] > 0
+    assert on["kl/mean_per_token"] > 1e-4  # the first update moved the policy
+    for mine, theirs in ((on, on_a), (sep, sep_a)):
+        for key in ("kl/mean_per_token", "policy/kl_loss", "advantages/abs_mean"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), key
+    for mine, theirs in ((w_on, w_on_a), (w_sep, w_sep_a)):
+        apart = max((mine[k] - theirs[k]).abs().max().item() for k in mine)
+        assert apart <= 1e-6, apart
+
+
+@pytest.mark.e2e
+def test_samples_of_the_policys_own_weights_need_no_old_logprob_forward(
+    tmp_path, tiny_dir, ray_cluster
+):
+    """rollout.backend='policy' with two mini-batches a step (off-policy after the first
+    update): the sampling logprobs are the old logprobs, no separate forward runs, the first
+    mini-batch's forward measures the gap, and the update is the one the separate forward
+    gives (up to its float rounding)."""
+    extra = ["rl.kl_coef=0.5", "rl.policy.warmup_steps=0", "rl.policy.lr=1e-2"]
+    cfg = rl_config(tmp_path, "rl.algorithm=grpo", "rl.rollout.backend=policy", *extra)
+    assert cfg.rl.old_logprobs_from_sampler and not cfg.rl.on_policy_update
+    assert not rl_config(tmp_path, "rl.rollout.backend=vllm").rl.old_logprobs_from_sampler
+    assert not rl_config(
+        tmp_path, "rl.rollout.backend=policy", "rl.rollout.top_p=0.9"
+    ).rl.old_logprobs_from_sampler  # top-p samples from a truncated distribution
+    run = RLRun(cfg, str(tiny_dir), None, reward_fn=lambda question, answer, label: _coin(answer))
+    try:
+        w0 = _weights(run)
+        start, _ = run.save_checkpoint({})
+        mine = run.step(0)
+        w_mine = _weights(run)
+        assert "timing/logprobs" not in mine and "compute/old_logprobs_s" not in mine
+        assert 0 <= mine["rollout/logprob_gap"] < 1e-4
+        run.restore(start)
+        run.rl = run.rl.model_copy(update={"skip_passes": "never"})
+        sep = run.step(0)
+        w_sep = _weights(run)
+        assert sep["timing/logprobs"] > 0 and sep["rollout/logprob_gap"] < 1e-4
+        for key in ("reward/score_mean", "response/length_mean", "advantages/abs_mean"):
+            assert mine[key] == pytest.approx(sep[key], rel=1e-5, abs=1e-7), key
+        moved = max((w_mine[k] - w0[k]).abs().max().item() for k in w0)
+        apart = max((w_mine[k] - w_sep[k]).abs().max().item() for k in w0)
+        assert moved > 1e-3, moved
+        assert apart <= 1e-3 * moved, (apart, moved)
     finally:
         run.shutdown()

@@ -164,6 +164,8 @@ def test_rl_survives_killed_engine_reward_model_and_policy_rank(tmp_path, tiny_d
         "rl.eval_interval=100",
     )
     run = RLRun(cfg, str(tiny_dir), reward_model_dir=str(tiny_dir))
+    # the policy's actor holds the reference too (one CPU bundle): re-created, it loads both
+    assert run.rl.reference_in_policy and "reference" not in run.groups
     writer = MetricsWriter(run.stage_dir, resume_step=-1)
     pids = {
         "rollout": _pid(run.groups["rollout"].actors[0]),
