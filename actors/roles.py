@@ -67,6 +67,21 @@ class _Rank:
     def ready(self) -> int:
         return self.rank
 
+    def _logprobs_part(self, model: torch.nn.Module, batch: Any, micro_batch_size: int) -> dict:
+        """`model`'s logprobs of this rank's rows of the sampled batch, as a part."""
+        from rlhf.rl.worker import my_rows, response_logprobs
+
+        t0 = time.perf_counter()
+        mine = self._to_device(my_rows(batch, self.rank, self.world))
+        out = response_logprobs(
+            model,
+            mine,
+            micro_batch_size,
+            self.rl.rollout.temperature,
+            self.rl.shared_prompt_forward,
+        )
+        return {"out": out.cpu(), "compute_s": time.perf_counter() - t0}
+
 
 def _engine(
     model: torch.nn.Module,
@@ -104,23 +119,6 @@ def _frozen_reference(cfg: Config, model_path: str, on_gpu: bool) -> torch.nn.Mo
     dtype = eng.precision_dtype(ref.precision, on_gpu)
     model = load_causal_lm(model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
     return eng.init_frozen(model, ref.zero_stage, ref.micro_batch_size, dtype)
-
-
-def _reference_logprobs(rank: Any, model: torch.nn.Module, batch: Any) -> dict:
-    """The reference's logprobs of `rank`'s rows of the sampled batch, as a part."""
-    from rlhf.rl.worker import my_rows, response_logprobs
-
-    t0 = time.perf_counter()
-    mine = rank._to_device(my_rows(batch, rank.rank, rank.world))
-    rl = rank.rl
-    out = response_logprobs(
-        model,
-        mine,
-        rl.reference.micro_batch_size,
-        rl.rollout.temperature,
-        rl.shared_prompt_forward,
-    )
-    return {"out": out.cpu(), "compute_s": time.perf_counter() - t0}
 
 
 class _Trained(_Rank):
@@ -261,23 +259,12 @@ class PolicyActor(_Trained, Generates):
             self._start_ptx(state["ptx_drawn"])
 
     def logprobs(self, batch: dict) -> dict:
-        from rlhf.rl.worker import my_rows, response_logprobs
-
-        t0 = time.perf_counter()
         self.engine.module.eval()
-        mine = self._to_device(my_rows(batch, self.rank, self.world))
-        out = response_logprobs(
-            self.engine.module,
-            mine,
-            self.rl.policy.micro_batch_size,
-            self.rl.rollout.temperature,
-            self.rl.shared_prompt_forward,
-        )
-        return {"out": out.cpu(), "compute_s": time.perf_counter() - t0}
+        return self._logprobs_part(self.engine.module, batch, self.rl.policy.micro_batch_size)
 
     def reference_logprobs(self, batch: dict) -> dict:
         """The frozen reference's logprobs of this rank's rows (as `ReferenceActor.logprobs`)."""
-        return _reference_logprobs(self, self.reference, batch)
+        return self._logprobs_part(self.reference, batch, self.rl.reference.micro_batch_size)
 
     def train(
         self,
@@ -438,7 +425,7 @@ class ReferenceActor(_Rank):
         self.model = _frozen_reference(cfg, model_path, self.on_gpu)
 
     def logprobs(self, batch: dict) -> dict:
-        return _reference_logprobs(self, self.model, batch)
+        return self._logprobs_part(self.model, batch, self.rl.reference.micro_batch_size)
 
 
 class RewardActor(_Rank):

@@ -182,19 +182,18 @@ class RLRun(ActorLayout, RolloutPhase):
         on_policy, ref_parts, old_parts = rl.on_policy_update, [], []
         # `train_on_rollouts`: one round trip fewer; the reference's wait is in `train_policy`.
         fused = rl.advantages_in_policy
-        if self.policy_holds_reference and not fused:  # the policy's actor holds it
+        # The reference runs only when something reads its logprobs: in actors of its own, or
+        # in the policy's actor, which computes them in its own call when the update is fused.
+        if fused and "reference" in self.groups:  # waited for inside `train_policy`
+            ref_parts = self.groups["reference"].call_async("logprobs", batch_ref)
+        elif not fused and (self.policy_holds_reference or "reference" in self.groups):
+            role, method = (
+                ("policy", "reference_logprobs")
+                if self.policy_holds_reference
+                else ("reference", "logprobs")
+            )
             with phase(t, "ref"):
-                ref_parts = wait_refs(
-                    self.groups["policy"].call_async("reference_logprobs", batch_ref)
-                )
-        elif "reference" in self.groups:  # started only when something reads its logprobs
-            if fused:
-                ref_parts = self.groups["reference"].call_async("logprobs", batch_ref)
-            else:
-                with phase(t, "ref"):
-                    ref_parts = wait_refs(
-                        self.groups["reference"].call_async("logprobs", batch_ref)
-                    )
+                ref_parts = wait_refs(self.groups[role].call_async(method, batch_ref))
         # the policy sampled these with its current weights: their logprobs are the old ones
         from_sampler = not on_policy and rl.old_logprobs_from_sampler
         if not on_policy and not from_sampler:
@@ -252,11 +251,11 @@ class RLRun(ActorLayout, RolloutPhase):
             )
         metrics.update(policy_metrics[0])
         if on_policy or from_sampler:  # the gap was measured by the update's own forward
+            where = "on-policy update's forward" if on_policy else "update's first forward"
             self._check_gap(
                 step,
                 metrics,
-                f" (measured in the {'on-policy ' if on_policy else ''}update's "
-                f"{'' if on_policy else 'first '}forward: the stage stops before the weight "
+                f" (measured in the {where}: the stage stops before the weight "
                 "sync and before any checkpoint, so the update is never used; a model with "
                 "dropout active in training shows a gap here too: set rl.skip_passes=never)",
             )

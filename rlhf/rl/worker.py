@@ -183,8 +183,7 @@ def policy_update(
     """
     kl_coef = rl.kl_coef if kl_coef is None else kl_coef
     temperature = rl.rollout.temperature
-    gas = rl.mini_batch_size // (role.micro_batch_size * world)
-    first_left = [gas if gap_in_first else 0]  # micro-batches of the first mini-batch to come
+    measured = [0]  # micro-batches whose gap was measured (gap_in_first: the first `gas`)
     gap_sums: dict[str, float] = {}
 
     def loss_fn(chunk: Experience, norm: float, gas: int) -> tuple[torch.Tensor, dict]:
@@ -193,8 +192,8 @@ def policy_update(
         logits = logits / temperature
         logp = token_logprobs(logits, response_tokens(chunk))
         old = logp.detach() if on_policy else chunk.old_logprobs
-        if first_left[0] > 0:  # the weights that sampled: no optimizer step yet
-            first_left[0] -= 1
+        if gap_in_first and measured[0] < gas:  # the weights that sampled: no update yet
+            measured[0] += 1
             _add(gap_sums, truncated_is_weights(logp.detach(), chunk.rollout_logprobs, mask)[1])
         is_weights = None
         metrics: dict[str, float] = {}
@@ -242,7 +241,7 @@ def policy_update(
 
     out = _updates(engine, batch, rl, role, rank, world, step, loss_fn, "policy")
     if gap_in_first:  # over the first mini-batch's micro-batches of every rank
-        out.update(_average(gap_sums, float(gas)))
+        out.update(_average(gap_sums, float(measured[0])))
     return out
 
 

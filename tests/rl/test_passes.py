@@ -274,5 +274,15 @@ def test_samples_of_the_policys_own_weights_need_no_old_logprob_forward(
         apart = max((w_mine[k] - w_sep[k]).abs().max().item() for k in w0)
         assert moved > 1e-3, moved
         assert apart <= 1e-3 * moved, (apart, moved)
+
+        # The first mini-batch's gap is checked against rl.rollout.max_logprob_gap: below what
+        # it measured, the step stops before the weights are used.
+        assert mine["rollout/logprob_gap"] > 0  # float rounding between sampling and training
+        run.restore(start)
+        limit = mine["rollout/logprob_gap"] / 2
+        rollout = run.rl.rollout.model_copy(update={"max_logprob_gap": limit})
+        run.rl = run.rl.model_copy(update={"skip_passes": "auto", "rollout": rollout})
+        with pytest.raises(StaleEngineError, match="measured in the update's first forward"):
+            run.step(0)
     finally:
         run.shutdown()
