@@ -122,12 +122,12 @@ def bench_rollout(root: Path, name: str, prompts: int, n: int, prompt_len: int, 
     engine.shutdown()
 
     # Our transformers engine as an RL actor runs it (`rl.rollout.backend: policy`): each prompt
-    # prefilled once, fp32 matmuls on oneDNN where rlhf/process_tuning.py switches them (last:
-    # the setting holds for the rest of the process).
+    # prefilled once, fp32 matmuls on oneDNN where rlhf/process_tuning.py switches them, its
+    # decoding attention (last: the settings hold for the rest of the process).
     from actors.hf_rollout import HFRolloutEngine
-    from rlhf.process_tuning import model_width, onednn_fp32_matmul
+    from rlhf.process_tuning import model_width, tune_cpu_compute
 
-    onednn = onednn_fp32_matmul(model_width(path))
+    onednn = tune_cpu_compute(threads, model_width(path))
     ours = HFRolloutEngine(path)
 
     def ours_generate():

@@ -30,6 +30,13 @@ products, which oneDNN took 3.5x longer for (64 rows x 8 heads x 48 tokens, forw
 20 vs 71 ms; one query over 65 keys: 0.34 vs 7.8 ms), so every Hugging Face "sdpa" attention of
 the process runs at "highest" precision, its backward too (`_MKLAttention`).
 
+`cpu_attention` (every process that computes with a model): decoding asks one query per row, and
+torch's CPU flash kernel took twice as long for it as a product, a softmax and a product (64 rows x
+8 heads x 64 dims over 88 cached keys: 2.0-2.4 vs 1.0-1.4 ms; 512 rows x 4 heads x 32 over 40:
+2.5 vs 1.2 ms; one row: 0.025 vs 0.044 ms; outputs within 1e-6; 2026-12-04, AMD EPYC Zen 4).
+The 25.6M model's 64 x 48-token sampling (the bench's GRPO job) took 2.48 s instead of 2.85 s
+(medians of 10 alternating calls in one process).
+
 `idle_gloo_loops`: every gloo process group runs a thread that wakes every 10 ms (its epoll
 timeout) whether or not anything is sent; the rollout engine alone holds 13 (vLLM's world, tensor,
 pipeline, data and expert groups, device and CPU side), and each wake-up preempts a thread of the
@@ -83,12 +90,17 @@ def tune_cpu_compute(threads: int, width: int | None) -> bool:
     """A CPU process that computes with a model `width` wide (`model_width`; None: one that
     samples with vLLM, whose CPU kernels are its own): `threads` torch threads, freed memory
     kept (`retain_freed_memory`), fp32 matmuls on oneDNN where that pays and is exact
-    (`onednn_fp32_matmul`). Returns whether the matmuls were switched."""
+    (`onednn_fp32_matmul`), Hugging Face's "sdpa" attention as `cpu_attention` computes it.
+    Returns whether the matmuls were switched."""
     import torch
 
     torch.set_num_threads(threads)
     retain_freed_memory()
-    return onednn_fp32_matmul(width) if width is not None else False
+    if width is None:
+        return False
+    switched = onednn_fp32_matmul(width)
+    cpu_attention()
+    return switched
 
 
 def model_width(model_path: str | Path) -> int:
@@ -114,7 +126,7 @@ def onednn_fp32_matmul(width: int, cpu_flags: set[str] | None = None) -> bool:
     if width >= ONEDNN_MIN_WIDTH and not any(f.startswith("amx") for f in flags):
         torch.set_float32_matmul_precision("medium")
         if _fp32_exact(torch):
-            _attention_on_mkl()
+            cpu_attention()
             return True
     torch.set_float32_matmul_precision("highest")
     return False
@@ -132,21 +144,57 @@ def _highest_precision() -> Iterator[None]:
         torch.set_float32_matmul_precision(before)
 
 
-def _attention_on_mkl() -> None:
-    """Hugging Face's "sdpa" attention, forward and backward, at "highest" precision (module
-    docstring): registered for every model of the process."""
+def cpu_attention() -> None:
+    """Hugging Face's "sdpa" attention for every model of this process (module docstring): at
+    "highest" precision, forward and backward (`_MKLAttention` where the matmuls were switched);
+    a single query per row without gradients (decoding) through `one_query_attention`."""
     import torch
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+            if torch.get_float32_matmul_precision() == "highest":
+                return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
             qkv = (query, key, value)
             return _mkl_attention().apply(module, attention_mask, kwargs, *qkv), None
         with _highest_precision():
+            if query.shape[2] == 1 and not _special_attention(kwargs):
+                scale = kwargs.get("scaling")
+                return one_query_attention(query, key, value, attention_mask, scale), None
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("sdpa", attention)
+
+
+def _special_attention(kwargs: dict) -> bool:
+    """Settings `one_query_attention` does not take: dropout, a position bias, a paged cache."""
+    return bool(kwargs.get("dropout")) or any(
+        kwargs.get(k) is not None for k in ("position_bias", "cache")
+    )
+
+
+def one_query_attention(query, key, value, mask=None, scale=None):
+    """Attention of one query per row over its keys, as products, a softmax and a product:
+    query (B, H, 1, D), key and value (B, KV, L, D) with H a multiple of KV (grouped queries
+    share their key/value head, none repeated), `mask` None, boolean (True attends) or additive,
+    broadcastable to (B, H, 1, L); `scale` defaults to D**-0.5. Returns (B, 1, H, D), the layout
+    Hugging Face's attention functions return. torch's CPU flash kernel took twice as long for
+    decoding's shapes (module docstring)."""
+    import torch
+
+    rows, heads, _, dim = query.shape
+    groups = heads // key.shape[1]
+    q = query.reshape(rows, key.shape[1], groups, dim)  # head h = kv * groups + g
+    scores = torch.matmul(q, key.transpose(-1, -2)) * (dim**-0.5 if scale is None else scale)
+    if mask is not None:  # (B or 1, H or 1, 1, L) -> (B, KV, groups, L)
+        mask = mask.expand(rows, heads, 1, mask.shape[-1]).reshape(scores.shape)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask
+    out = torch.matmul(torch.softmax(scores, dim=-1), value)  # (B, KV, groups, D)
+    return out.reshape(rows, 1, heads, dim)
 
 
 @cache

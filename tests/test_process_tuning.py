@@ -214,3 +214,72 @@ def test_attention_stays_on_mkl_and_the_model_computes_as_at_full_precision(widt
     torch.testing.assert_close(tuned["logits"], plain["logits"], rtol=1e-5, atol=1e-5)
     for name, grad in plain["grads"].items():
         torch.testing.assert_close(tuned["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kv_heads", [8, 2])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "per_head"])
+def test_one_query_attention_is_torchs_attention(kv_heads, mask_kind):
+    """Decoding's attention as products and a softmax: torch's sdpa's output for one query per
+    row, grouped key/value heads shared (not repeated), padding masked (a mask for every row, or
+    for every row and head), in the (B, 1, H, D) layout Hugging Face's attention functions
+    return."""
+    from rlhf.process_tuning import one_query_attention
+
+    g = torch.Generator().manual_seed(0)
+    rows, heads, keys, dim = 5, 8, 13, 16
+    q = torch.randn(rows, heads, 1, dim, generator=g)
+    k, v = (torch.randn(rows, kv_heads, keys, dim, generator=g) for _ in range(2))
+    attend = torch.ones(rows, 1, 1, keys, dtype=torch.bool)
+    attend[0, ..., :4] = False  # a left-padded row
+    attend[1, ..., -3:] = False  # a static cache's unfilled tail
+    per_head = attend.repeat(1, heads, 1, 1)
+    per_head[2, 3, :, :2] = False  # one head of one row
+    mask = {"none": None, "bool": attend, "per_head": per_head}.get(mask_kind)
+    if mask_kind == "additive":
+        mask = torch.zeros(attend.shape).masked_fill(~attend, torch.finfo(torch.float32).min)
+    for scale in (None, 0.3):
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q,
+            k.repeat_interleave(heads // kv_heads, dim=1),
+            v.repeat_interleave(heads // kv_heads, dim=1),
+            attn_mask=mask,
+            scale=scale,
+        ).transpose(1, 2)
+        got = one_query_attention(q, k, v, mask, scale)
+        assert got.shape == (rows, 1, heads, dim)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+DECODE = """
+import json, sys, torch
+import rlhf.process_tuning as tuning
+from rlhf.models.factory import load_causal_lm
+calls = []
+if sys.argv[2] == "tuned":
+    tuning.tune_cpu_compute(2, tuning.model_width(sys.argv[1]))
+    inner = tuning.one_query_attention
+    tuning.one_query_attention = lambda *a: calls.append(a[0].shape) or inner(*a)
+model = load_causal_lm(sys.argv[1]).eval()
+ids = torch.randint(3, 259, (3, 11), generator=torch.Generator().manual_seed(0))
+mask = torch.ones_like(ids)
+mask[0, :4] = 0  # a left-padded prompt
+with torch.no_grad():
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
+                         do_sample=False, output_scores=True, return_dict_in_generate=True,
+                         pad_token_id=0)
+print(json.dumps({"calls": [list(s) for s in calls], "tokens": out.sequences.tolist(),
+                  "scores": [s[:, :16].tolist() for s in out.scores]}), flush=True)
+"""
+
+
+def test_decoding_runs_one_query_attention_and_samples_as_before(widths):
+    """In a tuned process (a model wide enough for oneDNN, and one narrower) every decoding step
+    after the prompt's runs `one_query_attention`, and greedy decoding picks the same tokens with
+    the same scores as an untouched process."""
+    for model in widths.values():
+        tuned = _run(DECODE, str(model), "tuned")
+        plain = _run(DECODE, str(model), "plain")
+        assert plain["calls"] == []
+        assert len(tuned["calls"]) == 5 and all(s[0] == 3 and s[2] == 1 for s in tuned["calls"])
+        assert tuned["tokens"] == plain["tokens"]
+        torch.testing.assert_close(tuned["scores"], plain["scores"], rtol=1e-5, atol=1e-5)

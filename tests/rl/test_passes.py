@@ -273,7 +273,10 @@ def test_samples_of_the_policys_own_weights_need_no_old_logprob_forward(
         moved = max((w_mine[k] - w0[k]).abs().max().item() for k in w0)
         apart = max((w_mine[k] - w_sep[k]).abs().max().item() for k in w0)
         assert moved > 1e-3, moved
-        assert apart <= 1e-3 * moved, (apart, moved)
+        # Adam scales the rounding of near-zero gradients up to lr: apart 7e-4 and 1.05e-3 of
+        # moved measured (sampling's attention in torch's flash kernel and in products,
+        # 2026-12-04); old logprobs of the wrong weights would put them as far apart as moved.
+        assert apart <= 5e-3 * moved, (apart, moved)
 
         # The first mini-batch's gap is checked against rl.rollout.max_logprob_gap: below what
         # it measured, the step stops before the weights are used.
