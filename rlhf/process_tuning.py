@@ -147,7 +147,8 @@ def _highest_precision() -> Iterator[None]:
 def cpu_attention() -> None:
     """Hugging Face's "sdpa" attention for every model of this process (module docstring): at
     "highest" precision, forward and backward (`_MKLAttention` where the matmuls were switched);
-    a single query per row without gradients (decoding) through `one_query_attention`."""
+    a single query per row without gradients (decoding) of an fp32 model through
+    `one_query_attention` (torch's kernel keeps a lower-precision model's probabilities in fp32)."""
     import torch
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -159,7 +160,7 @@ def cpu_attention() -> None:
             qkv = (query, key, value)
             return _mkl_attention().apply(module, attention_mask, kwargs, *qkv), None
         with _highest_precision():
-            if query.shape[2] == 1 and not _special_attention(kwargs):
+            if query.shape[2] == 1 and query.dtype == torch.float32 and not _special(kwargs):
                 scale = kwargs.get("scaling")
                 return one_query_attention(query, key, value, attention_mask, scale), None
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -167,7 +168,7 @@ def cpu_attention() -> None:
     AttentionInterface.register("sdpa", attention)
 
 
-def _special_attention(kwargs: dict) -> bool:
+def _special(kwargs: dict) -> bool:
     """Settings `one_query_attention` does not take: dropout, a position bias, a paged cache."""
     return bool(kwargs.get("dropout")) or any(
         kwargs.get(k) is not None for k in ("position_bias", "cache")
