@@ -116,7 +116,8 @@ def model_width(model_path: str | Path) -> int:
 def onednn_fp32_matmul(width: int, cpu_flags: set[str] | None = None) -> bool:
     """Send this process's fp32 CPU matmuls to oneDNN for a model `width` wide, where that pays
     and oneDNN computes them in exact fp32 (module docstring); returns whether they were
-    switched. `cpu_flags`: the CPU's feature flags (default: /proc/cpuinfo's)."""
+    switched. `cpu_flags`: the CPU's feature flags (default: /proc/cpuinfo's). Attention is not
+    moved back to MKL here: a process that computes calls `tune_cpu_compute`, which does."""
     import torch
 
     if not torch.backends.mkldnn.is_available():
@@ -126,7 +127,6 @@ def onednn_fp32_matmul(width: int, cpu_flags: set[str] | None = None) -> bool:
     if width >= ONEDNN_MIN_WIDTH and not any(f.startswith("amx") for f in flags):
         torch.set_float32_matmul_precision("medium")
         if _fp32_exact(torch):
-            cpu_attention()
             return True
     torch.set_float32_matmul_precision("highest")
     return False
