@@ -5,9 +5,10 @@
 A question is `What is 23+45?` and the answer exactly `68`. The 10,000 (a, b) questions are
 shuffled once with the seed; the first 400 are held out (evaluation files) and never appear in a
 training file. Wrong answers for preference data are near misses (off by 1 or 10, digits swapped).
-The RL prompts are every training question (9,600; about 6,800 of them asked by no demonstration):
-RL on the 4,000 no demonstration or preference file asks fitted those (greedy 89.5% -> 94.7%)
-more than it carried over to held-out questions (92.75% -> 93.75%).
+The demonstrations ask 6,800 of the 9,600 training questions (2,000 of them until 2026-12-04:
+whether the demo's 0.9M model then learned the units digit of held-out sums within its 1,200
+SFT steps depended on the seed and on float rounding; see the README). The RL prompts are every
+training question once.
 """
 
 from __future__ import annotations
@@ -47,11 +48,8 @@ def build(seed: int = 0) -> dict[str, list[dict]]:
     train, held = split(seed)
     rng = random.Random(seed + 1)
     take = iter(train * 3)
-    files: dict[str, list[dict]] = {}
-    files["sft_io"] = [
-        {"input": question(a, b), "output": str(a + b)}
-        for a, b in (next(take) for _ in range(2000))
-    ]
+    files: dict[str, list[dict]] = {"sft_io": []}  # filled below, after the other formats
+    first = [next(take) for _ in range(2000)]
     files["sft_instruction"] = [
         {
             "instruction": "Add the two numbers and answer with the sum only.",
@@ -76,6 +74,13 @@ def build(seed: int = 0) -> dict[str, list[dict]]:
         ]
         chats.append({"messages": turns})
     files["sft_messages"] = chats
+    # 4,000 more demonstrations: the questions after the chats' (the preference files below ask
+    # 2,300 of them as well).
+    asked = 2000 + 200 + 2 * 300
+    files["sft_io"] = [
+        {"input": question(a, b), "output": str(a + b)}
+        for a, b in first + train[asked : asked + 4000]
+    ]
     files["sft_eval"] = [{"input": question(a, b), "output": str(a + b)} for a, b in held[:200]]
     # Any near miss, not only the nearest: an off-by-one answer differs in the units digit, an
     # off-by-ten one in the tens digit, and a reward model should learn both kinds of error.

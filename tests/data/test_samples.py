@@ -81,3 +81,12 @@ def test_the_rl_prompts_are_every_training_question_once():
     assert _pairs_in(SAMPLES / "prompts.jsonl") == set(train)
     assert all(r["label"] == str(sum(_pairs(r["prompt"]).pop())) for r in rows)
     assert not set(train) & set(held)
+
+
+def test_the_demonstrations_ask_6800_of_the_training_questions():
+    names = ("sft_io", "sft_instruction", "sft_messages")
+    asked = _pairs_in(*(SAMPLES / f"{name}.jsonl" for name in names))
+    train, _ = addition.split()
+    assert len(asked) == 6800 and asked <= set(train)
+    rows = _shipped(SAMPLES / "sft_io.jsonl")
+    assert len(rows) == len(set(rows)) == 6000
