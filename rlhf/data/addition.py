@@ -48,7 +48,7 @@ def build(seed: int = 0) -> dict[str, list[dict]]:
     train, held = split(seed)
     rng = random.Random(seed + 1)
     take = iter(train * 3)
-    files: dict[str, list[dict]] = {"sft_io": []}  # filled below, after the other formats
+    files: dict[str, list[dict]] = {}
     first = [next(take) for _ in range(2000)]
     files["sft_instruction"] = [
         {
@@ -76,7 +76,7 @@ def build(seed: int = 0) -> dict[str, list[dict]]:
     files["sft_messages"] = chats
     # 4,000 more demonstrations: the questions after the chats' (the preference files below ask
     # 2,300 of them as well).
-    asked = 2000 + 200 + 2 * 300
+    asked = len(first) + len(files["sft_instruction"]) + 2 * len(chats)
     files["sft_io"] = [
         {"input": question(a, b), "output": str(a + b)}
         for a, b in first + train[asked : asked + 4000]
