@@ -56,7 +56,7 @@ class PipelineResult:
 def _with_overrides(cfg: Config, overrides: list[str]) -> Config:
     from pydantic import ValidationError
 
-    from rlhf.config import _explain, _parse_scalar, _set_dotted
+    from rlhf.config.load import _explain, _parse_scalar, _set_dotted
 
     tree = cfg.model_dump(mode="json")
     for item in overrides:
