@@ -9,9 +9,9 @@ impossible combination raises `ConfigError` naming the key, the value and what w
 Nothing is rewritten behind the user's back; derived values are computed once, in properties.
 
 The tree lives in modules by role: `base` (sections every stage uses), `stages` (the offline
-training stages), `rl_roles` and `rl` (the online RL stage: its roles and its settings),
-`lifecycle` (evaluation, judging, deploying, serving), `monitor` (the RL stage's monitor rules)
-and `load` (the root `Config` and `load_config`). Import from here:
+training stages), `rl_roles`, `rl` and `rl_checks` (the online RL stage: its roles, its settings,
+their validation), `lifecycle` (evaluation, judging, deploying, serving), `monitor` (the RL
+stage's monitor rules) and `load` (the root `Config` and `load_config`). Import from here:
 `from rlhf.config import Config, load_config`.
 """
 

@@ -1,6 +1,6 @@
 """The online RL stage: its settings (`RLConfig`: algorithm, batch sizes, KL, asynchrony, PPO-ptx,
-colocation, and one section per role), what they imply (properties), their validation, and the
-resources each role reserves.
+colocation, and one section per role), what they imply (properties), and the resources each role
+reserves. The validator's checks are in `rl_checks`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,14 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from rlhf.config.base import COLUMNS_DOC, PROMPT_FORMAT_DOC, DataFile, PromptFormat, Section
+from rlhf.config.rl_checks import (
+    check_algorithm,
+    check_batch_sizes,
+    check_colocate,
+    check_in_policy_extras,
+    check_rollout,
+    check_staleness,
+)
 from rlhf.config.rl_roles import (
     ReferenceConfig,
     RewardSourceConfig,
@@ -237,159 +245,16 @@ class RLConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> RLConfig:
-        n = self.rollout_batch_size
-        if n % self.mini_batch_size:
-            raise ValueError(
-                f"prompts_per_step * samples_per_prompt = {self.prompts_per_step} * "
-                f"{self.samples_per_prompt} = {n} must be a multiple of "
-                f"mini_batch_size={self.mini_batch_size}"
-            )
-        for name in ("policy", "critic") if self.algorithm == "ppo" else ("policy",):
-            role = getattr(self, name)
-            per = role.micro_batch_size * role.num_actors
-            if self.mini_batch_size % per:
-                raise ValueError(
-                    f"mini_batch_size={self.mini_batch_size} must be a multiple of "
-                    f"{name}.micro_batch_size * {name}.num_actors = {per}"
-                )
-        if self.algorithm == "rloo" and self.samples_per_prompt < 2:
-            raise ValueError("algorithm='rloo' needs samples_per_prompt >= 2")
-        if (
-            self.algorithm in ("grpo", "dr_grpo", "reinforce_pp_baseline")
-            and self.samples_per_prompt < 2
-        ):
-            raise ValueError(
-                f"algorithm={self.algorithm!r} compares samples of a prompt: "
-                f"samples_per_prompt={self.samples_per_prompt} must be >= 2"
-            )
-        if self.filter_groups and self.samples_per_prompt < 2:
-            raise ValueError(
-                "filter_groups=true keeps prompts whose samples' scores differ: "
-                f"samples_per_prompt={self.samples_per_prompt} must be >= 2"
-            )
-        if self.algorithm == "grpo" and self.kl_in_reward and self.kl_coef > 0:
-            # A group whose scores are equal would get advantages made of its KL differences
-            # alone, divided by their (tiny) std: unit-sized noise instead of zero.
-            raise ValueError(
-                "kl_in_reward=true with algorithm='grpo': GRPO divides by each group's reward "
-                "std, which turns the KL differences of an all-equal group into unit-sized "
-                "advantages; use kl_in_reward=false (the KL loss), or dr_grpo / rloo"
-            )
-        if self.reward.kind == "http" and not self.reward.url:
-            raise ValueError("reward.kind='http' needs reward.url")
-        if self.max_staleness > 0:
-            shared = [g for g in self.colocate if "rollout" in g]
-            if shared:
-                raise ValueError(
-                    f"max_staleness={self.max_staleness} with rollout in rl.colocate {shared[0]}: "
-                    "asynchronous engines generate while the roles on their bundles train, so "
-                    "they cannot share them; remove rollout from rl.colocate, or max_staleness=0"
-                )
-            if self.truncated_is_cap is None:
-                raise ValueError(
-                    f"max_staleness={self.max_staleness} trains on samples of older policy "
-                    "versions: set truncated_is_cap (e.g. 2.0), the importance-weight correction "
-                    "for them"
-                )
-        if self.reference.placement == "policy" and self.policy.num_actors > 1:
-            raise ValueError(
-                f"reference.placement='policy' with policy.num_actors={self.policy.num_actors}: "
-                "the reference rides in the policy's one actor; use reference.placement='actor' "
-                "(or 'auto') for a data-parallel policy"
-            )
-        if self.ptx_coef > 0 and not self.ptx_files:
-            raise ValueError(f"ptx_coef={self.ptx_coef} needs ptx_files")
-        if self.rollout.weight_sync == "nccl" and (
-            self.rollout.gpus_per_engine == 0 or self.policy.gpus_per_actor == 0
-        ):
-            raise ValueError(
-                "rollout.weight_sync='nccl' needs GPUs for the policy and the "
-                "engines (gpus_per_actor, gpus_per_engine > 0)"
-            )
-        if self.rollout.weight_sync == "nccl" and self._rollout_on_policy_gpus:
-            raise ValueError(
-                "rollout.weight_sync='nccl' with rollout colocated with the policy: NCCL cannot "
-                "join two ranks on one GPU; use weight_sync='object_store' (or 'auto')"
-            )
-        tp = self.rollout.tensor_parallel_size
-        if tp > 1 and self.rollout.backend != "vllm":
-            raise ValueError(
-                f"rollout.tensor_parallel_size={tp} with rollout.backend={self.rollout.backend!r}: "
-                "only vLLM shards an engine; set rollout.backend='vllm' or tensor_parallel_size=1"
-            )
-        if self.generates_in_policy:
-            self._check_generates_in_policy()
-        if tp > 1 and self.rollout.gpus_per_engine != 1:
-            raise ValueError(
-                f"rollout.tensor_parallel_size={tp} shards an engine over {tp} whole GPUs: "
-                f"set rollout.gpus_per_engine=1 (got {self.rollout.gpus_per_engine}); "
-                "on CPU tensor_parallel_size must be 1"
-            )
-        if tp > 1 and any("rollout" in g for g in self.colocate):
-            raise ValueError(
-                f"rollout.tensor_parallel_size={tp}: a tensor-parallel engine holds whole GPUs "
-                "and cannot be colocated; remove rollout from rl.colocate"
-            )
+        """Impossible combinations, checked in this order: the first one found is raised."""
+        check_batch_sizes(self)
+        check_algorithm(self)
+        check_staleness(self)
+        check_in_policy_extras(self)
+        check_rollout(self)
         if self.policy.lora.enabled and self.policy.zero_stage == 3:
             raise ValueError("policy.lora.enabled=True with policy.zero_stage=3: use 0-2")
-        needed, seen = set(self.roles()), set()
-        for group in self.colocate:
-            if len(group) < 2:
-                raise ValueError(f"colocate group {group} needs at least two roles")
-            for role in group:
-                if role in seen:
-                    raise ValueError(f"colocate: {role!r} appears in two groups")
-                seen.add(role)
-            counts = {r: self._count(r) for r in group if r in needed}
-            if len(set(counts.values())) > 1:
-                raise ValueError(
-                    f"colocate group {group}: colocated roles need the same number "
-                    f"of actors, got {counts}"
-                )
-            gpus = {r: self._gpus(r) for r in group if r in needed}
-            if sum(gpus.values()) > 0 and (min(gpus.values()) == 0 or sum(gpus.values()) > 1):
-                raise ValueError(
-                    f"colocate group {group}: GPU shares {gpus} must all be > 0 and "
-                    f"sum to at most 1"
-                )
-        if isinstance(self.colocate_cpus, float) and self.colocate_cpus <= 0:
-            raise ValueError(f"colocate_cpus={self.colocate_cpus} must be > 0 (or 'all')")
+        check_colocate(self)
         return self
-
-    def _check_generates_in_policy(self) -> None:
-        """rollout.backend='policy' needs whole weights in each policy actor and no engines."""
-        checks = (
-            (
-                "policy.zero_stage",
-                self.policy.zero_stage,
-                self.policy.zero_stage == 3,
-                "ZeRO-3 shards the weights over the ranks; use 0-2",
-            ),
-            (
-                "max_staleness",
-                self.max_staleness,
-                self.max_staleness > 0,
-                "the policy cannot generate ahead while it trains; use 0",
-            ),
-            (
-                "rollout.num_engines",
-                self.rollout.num_engines,
-                self.rollout.num_engines != 1,
-                "the policy's actors are the engines; leave it at 1",
-            ),
-            (
-                "rollout.weight_sync",
-                self.rollout.weight_sync,
-                self.rollout.weight_sync in ("gloo", "nccl"),
-                "no weights are sent; leave it at 'auto'",
-            ),
-        )
-        for key, value, bad, fix in checks:
-            if bad:
-                raise ValueError(
-                    f"rollout.backend='policy' with {key}={value!r}: {fix} "
-                    "(or set rollout.backend to 'transformers' or 'vllm')"
-                )
 
     def _count(self, role: str) -> int:
         return self.rollout.num_engines if role == "rollout" else getattr(self, role).num_actors
