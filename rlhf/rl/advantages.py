@@ -14,7 +14,7 @@ from typing import Any
 import ray
 import torch
 
-from rlhf.rl.experience import Experience
+from rlhf.rl.experience import Experience, concat_rows
 
 
 def advantages_from_parts(
@@ -56,3 +56,29 @@ def advantages_from_parts(
         metrics.update(gap)
     metrics.update(compute)
     return batch, metrics
+
+
+@ray.remote(num_cpus=0)
+class AdvantageWorker:
+    """The advantage phase next to the data (a long-lived actor: Ray reaps idle task workers
+    on a small machine, and re-importing torch cost ~2 s per step)."""
+
+    @ray.method(num_returns=2)
+    def compute(
+        self,
+        batch: Experience,
+        scores: Any,
+        ref_parts: list,
+        old_parts: list,
+        value_parts: list,
+        kwargs: dict,
+    ) -> tuple[Experience, dict]:
+        """Returns (batch with advantages, metrics); only the metrics go to the driver."""
+        return advantages_from_parts(batch, scores, ref_parts, old_parts, value_parts, kwargs)
+
+    def concat(self, parts: list) -> dict:
+        got = ray.get(parts)
+        return {
+            "out": concat_rows([g["out"] for g in got]),
+            "compute_s": max(g["compute_s"] for g in got),
+        }

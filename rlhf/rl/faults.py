@@ -76,7 +76,7 @@ def recover(run: Any, exc: BaseException, snapshot: tuple, attempts: int) -> int
         group.restart(ranks if role == "rollout" else None)
         run.restarts += len(ranks) if role == "rollout" else group.num_actors
     if not _alive(run.helper):
-        from rlhf.rl.trainer import AdvantageWorker
+        from rlhf.rl.advantages import AdvantageWorker
 
         run.helper = AdvantageWorker.remote()
         run.restarts += 1

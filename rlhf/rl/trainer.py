@@ -39,8 +39,8 @@ from typing import Any
 import ray
 
 from rlhf.config import Config
+from rlhf.rl.advantages import AdvantageWorker
 from rlhf.rl.errors import RLStageError
-from rlhf.rl.experience import Experience
 from rlhf.rl.layout import ActorLayout
 from rlhf.rl.rollouts import RolloutPhase, wait_refs
 
@@ -52,36 +52,6 @@ def phase(timings: dict[str, float], name: str):
     t0 = time.perf_counter()
     yield
     timings[f"timing/{name}"] = time.perf_counter() - t0
-
-
-@ray.remote(num_cpus=0)
-class AdvantageWorker:
-    """The advantage phase next to the data (a long-lived actor: Ray reaps idle task workers
-    on a small machine, and re-importing torch cost ~2 s per step)."""
-
-    @ray.method(num_returns=2)
-    def compute(
-        self,
-        batch: Experience,
-        scores: Any,
-        ref_parts: list,
-        old_parts: list,
-        value_parts: list,
-        kwargs: dict,
-    ) -> tuple[Experience, dict]:
-        """Returns (batch with advantages, metrics); only the metrics go to the driver."""
-        from rlhf.rl.advantages import advantages_from_parts
-
-        return advantages_from_parts(batch, scores, ref_parts, old_parts, value_parts, kwargs)
-
-    def concat(self, parts: list) -> dict:
-        from rlhf.rl.experience import concat_rows
-
-        got = ray.get(parts)
-        return {
-            "out": concat_rows([g["out"] for g in got]),
-            "compute_s": max(g["compute_s"] for g in got),
-        }
 
 
 class RLRun(ActorLayout, RolloutPhase):
@@ -166,9 +136,7 @@ class RLRun(ActorLayout, RolloutPhase):
     # ---- one step -----------------------------------------------------------------------------
 
     def step(self, step: int) -> dict[str, float]:
-        from rlhf.monitor import distinct_ngram_frac
-        from rlhf.rl.faults import recoverable
-
+        """One RL step, phase by phase (the checklist in the module docstring); its metrics."""
         rl, t = self.rl, {}
         t0 = time.perf_counter()
         prompts, samples, batch_ref, scores, metrics_rollout = self._rollouts(step, t)
@@ -179,30 +147,7 @@ class RLRun(ActorLayout, RolloutPhase):
         metrics_rollout["rollout/staleness_max"] = float(max(lags))
         if rl.reward.kind == "model":  # a rule on the same answers, to catch reward hacking
             metrics_rollout.update(self._gold_mean(prompts, samples))
-        on_policy, ref_parts, old_parts = rl.on_policy_update, [], []
-        # `train_on_rollouts`: one round trip fewer; the reference's wait is in `train_policy`.
-        fused = rl.advantages_in_policy
-        # The reference runs only when something reads its logprobs: in actors of its own, or
-        # in the policy's actor, which computes them in its own call when the update is fused.
-        if fused and "reference" in self.groups:  # waited for inside `train_policy`
-            ref_parts = self.groups["reference"].call_async("logprobs", batch_ref)
-        elif not fused and (self.policy_holds_reference or "reference" in self.groups):
-            role, method = (
-                ("policy", "reference_logprobs")
-                if self.policy_holds_reference
-                else ("reference", "logprobs")
-            )
-            with phase(t, "ref"):
-                ref_parts = wait_refs(self.groups[role].call_async(method, batch_ref))
-        # the policy sampled these with its current weights: their logprobs are the old ones
-        from_sampler = not on_policy and rl.old_logprobs_from_sampler
-        if not on_policy and not from_sampler:
-            with phase(t, "logprobs"):
-                old_parts = wait_refs(self.groups["policy"].call_async("logprobs", batch_ref))
-        value_parts = []
-        if rl.algorithm == "ppo":
-            with phase(t, "values"):
-                value_parts = wait_refs(self.groups["critic"].call_async("values", batch_ref))
+        ref_parts, old_parts, value_parts = self._forwards(batch_ref, t)
         advantage_args = dict(
             algorithm=rl.algorithm,
             group_size=rl.samples_per_prompt,
@@ -214,7 +159,8 @@ class RLRun(ActorLayout, RolloutPhase):
             whiten=rl.whiten_advantages,
         )
         metrics: dict[str, float] = {}
-        if not fused:
+        adv_ref = None
+        if not rl.advantages_in_policy:
             with phase(t, "advantages"):
                 adv_ref, metrics_ref = self.helper.compute.remote(
                     batch_ref, scores, ref_parts, old_parts, value_parts, advantage_args
@@ -222,6 +168,70 @@ class RLRun(ActorLayout, RolloutPhase):
                 metrics = ray.get(metrics_ref)
         if old_parts and not any(lags):  # older weights' samples differ by design
             self._check_gap(step, metrics, "")
+        stamp = self._train(step, t, metrics, batch_ref, scores, ref_parts, adv_ref, advantage_args)
+        with phase(t, "weight_sync"):
+            self._sync(stamp)
+        if "kl/mean_per_sequence" in metrics:  # absent without a reference (kl_coef 0, fixed)
+            self.kl.update(metrics["kl/mean_per_sequence"], rl.rollout_batch_size)
+        if rl.filter_groups:  # the policy's reward is that of everything it generated
+            metrics["reward/trained_score_mean"] = metrics["reward/score_mean"]
+        metrics.update(metrics_rollout)
+        metrics.update(self._response_metrics(samples))
+        metrics.update(t)
+        metrics["timing/step"] = time.perf_counter() - t0
+        metrics["compute/weight_reload_s"] = self.reload_s
+        compute = sum(v for k, v in metrics.items() if k.startswith("compute/"))
+        metrics["perf/model_compute_s"] = compute
+        metrics["perf/outside_compute_frac"] = max(0.0, 1.0 - compute / metrics["timing/step"])
+        return metrics
+
+    def _old_logprobs_from_sampler(self) -> bool:
+        """The policy sampled these with its current weights: their logprobs are the old ones."""
+        return not self.rl.on_policy_update and self.rl.old_logprobs_from_sampler
+
+    def _forwards(self, batch_ref: Any, t: dict) -> tuple[list, list, list]:
+        """The `ref`, `logprobs` and `values` phases, each only where something reads it:
+        (reference, old-policy, value) parts, object refs or ones still running."""
+        rl, ref_parts, old_parts, value_parts = self.rl, [], [], []
+        # The reference runs only when something reads its logprobs: in actors of its own, or
+        # in the policy's actor, which computes them in its own call when the update is fused.
+        if rl.advantages_in_policy and "reference" in self.groups:  # waited for in train_policy
+            ref_parts = self.groups["reference"].call_async("logprobs", batch_ref)
+        elif not rl.advantages_in_policy and (
+            self.policy_holds_reference or "reference" in self.groups
+        ):
+            role, method = (
+                ("policy", "reference_logprobs")
+                if self.policy_holds_reference
+                else ("reference", "logprobs")
+            )
+            with phase(t, "ref"):
+                ref_parts = wait_refs(self.groups[role].call_async(method, batch_ref))
+        if not rl.on_policy_update and not self._old_logprobs_from_sampler():
+            with phase(t, "logprobs"):
+                old_parts = wait_refs(self.groups["policy"].call_async("logprobs", batch_ref))
+        if rl.algorithm == "ppo":
+            with phase(t, "values"):
+                value_parts = wait_refs(self.groups["critic"].call_async("values", batch_ref))
+        return ref_parts, old_parts, value_parts
+
+    def _train(
+        self,
+        step: int,
+        t: dict,
+        metrics: dict,
+        batch_ref: Any,
+        scores: Any,
+        ref_parts: list,
+        adv_ref: Any,
+        advantage_args: dict,
+    ) -> int | None:
+        """`engine_sleep`, `train_critic` and `train_policy`; their metrics into `metrics`. With
+        `rl.advantages_in_policy` (`train_on_rollouts`: one round trip fewer) the policy computes
+        the advantages itself, waiting there for the reference. Returns the version the update
+        stamped on the policy's own samples (rollout.backend='policy'), else None."""
+        rl = self.rl
+        on_policy, from_sampler = rl.on_policy_update, self._old_logprobs_from_sampler()
         if rl.engines_sleep:  # GPU: engines sharing the policy's GPUs free them while it trains
             with phase(t, "engine_sleep"):
                 ray.get(self.groups["rollout"].call_async("sleep"))  # the weight sync wakes them
@@ -229,11 +239,11 @@ class RLRun(ActorLayout, RolloutPhase):
             with phase(t, "train_critic"):
                 critic_metrics = ray.get(self.groups["critic"].call_async("train", adv_ref, step))
             metrics.update(critic_metrics[0])
-        # rollout.backend='policy': the update itself stamps the samples of its new weights.
+        fused = rl.advantages_in_policy
         stamp = self.version + 1 if fused and rl.generates_in_policy else None
+        policy = self.groups["policy"]
         with phase(t, "train_policy"):
-            policy = self.groups["policy"]
-            policy_metrics = ray.get(
+            call = (
                 policy.call_async(
                     "train_on_rollouts",
                     batch_ref,
@@ -249,7 +259,7 @@ class RLRun(ActorLayout, RolloutPhase):
                     "train", adv_ref, step, self.kl.value, on_policy, from_sampler
                 )
             )
-        metrics.update(policy_metrics[0])
+            metrics.update(ray.get(call)[0])
         if on_policy or from_sampler:  # the gap was measured by the update's own forward
             where = "on-policy update's forward" if on_policy else "update's first forward"
             self._check_gap(
@@ -259,41 +269,39 @@ class RLRun(ActorLayout, RolloutPhase):
                 "sync and before any checkpoint, so the update is never used; a model with "
                 "dropout active in training shows a gap here too: set rl.skip_passes=never)",
             )
-        with phase(t, "weight_sync"):
-            try:
-                if stamp is None:
-                    self.sync_weights()
-                else:  # the policy's samples already carry the new version
-                    self.version = stamp
-            except recoverable() as exc:  # the policy has trained: re-sync, don't redo the step
-                from rlhf.rl.faults import resync_after_train
+        return stamp
 
-                resync_after_train(self, exc)
-        if "kl/mean_per_sequence" in metrics:  # absent without a reference (kl_coef 0, fixed)
-            self.kl.update(metrics["kl/mean_per_sequence"], rl.rollout_batch_size)
-        if rl.filter_groups:  # the policy's reward is that of everything it generated
-            metrics["reward/trained_score_mean"] = metrics["reward/score_mean"]
-        metrics.update(metrics_rollout)
+    def _sync(self, stamp: int | None) -> None:
+        """The `weight_sync` phase: the engines get the new weights, or, where the policy's
+        samples already carry the new version (`stamp`), the version only."""
+        from rlhf.rl.faults import recoverable
+
+        try:
+            if stamp is None:
+                self.sync_weights()
+            else:
+                self.version = stamp
+        except recoverable() as exc:  # the policy has trained: re-sync, don't redo the step
+            from rlhf.rl.faults import resync_after_train
+
+            resync_after_train(self, exc)
+
+    def _response_metrics(self, samples: list) -> dict[str, float]:
+        """Length, truncation and diversity of the step's responses; the KL coefficient and the
+        policy's version after the step."""
+        from rlhf.monitor import distinct_ngram_frac
+
         lengths = [len(s.token_ids) for s in samples]
-        metrics.update(
-            {
-                "kl/coef": self.kl.value,
-                "response/length_mean": sum(lengths) / len(lengths),
-                "response/length_max": float(max(lengths)),
-                "response/clipped_frac": sum(s.finish_reason == "length" for s in samples)
-                / len(samples),
-                "response/distinct_frac": len({tuple(s.token_ids) for s in samples}) / len(samples),
-                "response/distinct_ngram_frac": distinct_ngram_frac([s.token_ids for s in samples]),
-                "policy/version": float(self.version),
-            }
-        )
-        metrics.update(t)
-        metrics["timing/step"] = time.perf_counter() - t0
-        metrics["compute/weight_reload_s"] = self.reload_s
-        compute = sum(v for k, v in metrics.items() if k.startswith("compute/"))
-        metrics["perf/model_compute_s"] = compute
-        metrics["perf/outside_compute_frac"] = max(0.0, 1.0 - compute / metrics["timing/step"])
-        return metrics
+        return {
+            "kl/coef": self.kl.value,
+            "response/length_mean": sum(lengths) / len(lengths),
+            "response/length_max": float(max(lengths)),
+            "response/clipped_frac": sum(s.finish_reason == "length" for s in samples)
+            / len(samples),
+            "response/distinct_frac": len({tuple(s.token_ids) for s in samples}) / len(samples),
+            "response/distinct_ngram_frac": distinct_ngram_frac([s.token_ids for s in samples]),
+            "policy/version": float(self.version),
+        }
 
     def _check_gap(self, step: int, metrics: dict[str, float], when: str) -> None:
         """StaleEngineError when the trainer's and the engines' logprobs of the sampled tokens
