@@ -63,6 +63,7 @@ def test_imports_point_one_way_driver_over_actors_over_compute():
         "rlhf/rl/checkpoint.py",
         "rlhf/engine.py",
         "rlhf/monitor.py",
+        "rlhf/monitor_rules.py",
     ]
     compute += [
         str(p.relative_to(REPO))
