@@ -1,8 +1,8 @@
 """What the RL role actors compute, as plain functions of a model or a DeepSpeed engine.
 
-No Ray and no vLLM here: `actors/roles.py` wraps these in thin Ray actors. Every function takes
-the whole experience batch plus (rank, world) and works on its own contiguous slice of rows, so
-the batch travels once, as one object ref, to every rank.
+No Ray and no vLLM here: `actors/policy.py` and `actors/roles.py` wrap these in thin Ray actors.
+Every function takes the whole experience batch plus (rank, world) and works on its own contiguous
+slice of rows, so the batch travels once, as one object ref, to every rank.
 
 Loss normalisation follows the offline loop: a mini-batch's loss is divided by its global token
 (or sequence) count, and DeepSpeed's averaging over ranks and accumulation steps is undone
