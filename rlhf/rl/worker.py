@@ -195,40 +195,10 @@ def policy_update(
         if gap_in_first and measured[0] < gas:  # the weights that sampled: no update yet
             measured[0] += 1
             _add(gap_sums, truncated_is_weights(logp.detach(), chunk.rollout_logprobs, mask)[1])
-        is_weights = None
-        metrics: dict[str, float] = {}
-        if on_policy or rl.truncated_is_cap is not None:
-            cap = rl.truncated_is_cap
-            weights, gap = truncated_is_weights(old, chunk.rollout_logprobs, mask, cap or 2.0)
-            is_weights = None if cap is None else weights
-            metrics.update(gap)
-        loss, pm = ppo_policy_loss(
-            logp,
-            old,
-            chunk.advantages,
-            mask,
-            clip_eps_low=rl.clip_eps_low,
-            clip_eps_high=rl.clip_eps_high,
-            dual_clip=rl.dual_clip,
-            mode=rl.loss_mode,
-            normaliser=norm,
-            is_weights=is_weights,
-        )
-        metrics.update(pm)
-        metrics["policy/pg_loss"] = loss.item() * world * gas
-        if not rl.kl_as_reward and kl_coef > 0:
-            kl_term, _ = kl_loss(
-                logp,
-                chunk.ref_logprobs,
-                mask,
-                kl_coef,
-                rl.kl_estimate,
-                rl.loss_mode,
-                norm,
-                ratio=torch.exp(logp.detach() - old) * mask,
-            )
-            loss = loss + kl_term
-            metrics["policy/kl_loss"] = kl_term.item() * world * gas
+        loss, metrics = _surrogate(logp, old, chunk, rl, kl_coef, norm, on_policy)
+        for key in ("policy/pg_loss", "policy/kl_loss"):  # undo the averaging (module doc)
+            if key in metrics:
+                metrics[key] = metrics[key] * world * gas
         entropy = entropy_from_logits(logits)
         if rl.entropy_coef > 0:
             loss = loss - rl.entropy_coef * aggregate_loss(entropy, mask, rl.loss_mode, norm)
@@ -243,6 +213,56 @@ def policy_update(
     if gap_in_first:  # over the first mini-batch's micro-batches of every rank
         out.update(_average(gap_sums, float(measured[0])))
     return out
+
+
+def _surrogate(
+    logp: torch.Tensor,
+    old: torch.Tensor,
+    chunk: Experience,
+    rl: RLConfig,
+    kl_coef: float,
+    norm: float,
+    on_policy: bool,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch's clipped surrogate (truncated importance weights with
+    rl.truncated_is_cap) plus, unless the KL is in the reward, the KL loss to the reference.
+    `policy/pg_loss` and `policy/kl_loss` are this rank's micro-batch terms, unscaled."""
+    mask = chunk.response_mask
+    is_weights = None
+    metrics: dict[str, float] = {}
+    if on_policy or rl.truncated_is_cap is not None:
+        cap = rl.truncated_is_cap
+        weights, gap = truncated_is_weights(old, chunk.rollout_logprobs, mask, cap or 2.0)
+        is_weights = None if cap is None else weights
+        metrics.update(gap)
+    loss, pm = ppo_policy_loss(
+        logp,
+        old,
+        chunk.advantages,
+        mask,
+        clip_eps_low=rl.clip_eps_low,
+        clip_eps_high=rl.clip_eps_high,
+        dual_clip=rl.dual_clip,
+        mode=rl.loss_mode,
+        normaliser=norm,
+        is_weights=is_weights,
+    )
+    metrics.update(pm)
+    metrics["policy/pg_loss"] = loss.item()
+    if not rl.kl_as_reward and kl_coef > 0:
+        kl_term, _ = kl_loss(
+            logp,
+            chunk.ref_logprobs,
+            mask,
+            kl_coef,
+            rl.kl_estimate,
+            rl.loss_mode,
+            norm,
+            ratio=torch.exp(logp.detach() - old) * mask,
+        )
+        loss = loss + kl_term
+        metrics["policy/kl_loss"] = kl_term.item()
+    return loss, metrics
 
 
 def critic_update(
