@@ -286,6 +286,45 @@ def _watch_overfitting(
         sys.stdout.flush()
 
 
+def _after_step(
+    task: StageTask,
+    engine: Any,
+    optimizer: Any,
+    scfg: Any,
+    stage: str,
+    state: dict,
+    sums: dict[str, float],
+    t_step: float,
+) -> dict[str, float]:
+    """Count the step in `state` (step, skipped steps, non-finite streak: NonFiniteError after
+    <stage>.max_nonfinite_steps in a row) and return its metrics."""
+    step = state["step"]
+    # Skipped by our guard, or by DeepSpeed itself (it skips on overflow without calling us).
+    skipped = (
+        optimizer.last_step_skipped
+        or sums["nonfinite_loss"] > 0
+        or not math.isfinite(eng.global_grad_norm(engine))
+    )
+    state["skipped_steps"] += int(skipped)
+    state["nonfinite_streak"] = nonfinite_streak(
+        state["nonfinite_streak"],
+        skipped,
+        scfg.max_nonfinite_steps,
+        f"{stage} (last at step {step + 1}): lower {stage}.lr or check the data",
+    )
+    state["step"] = step + 1
+    metrics = {f"{stage}/{k}": v for k, v in task.finish_train(sums).items()}
+    metrics.update(
+        {
+            f"{stage}/lr": engine.get_lr()[0],
+            f"{stage}/grad_norm": eng.global_grad_norm(engine),
+            f"{stage}/skipped_steps": state["skipped_steps"],
+            f"{stage}/timing/step": time.perf_counter() - t_step,
+        }
+    )
+    return metrics
+
+
 def _run_steps(
     task: StageTask,
     engine: Any,
@@ -307,30 +346,8 @@ def _run_steps(
         step = state["step"]
         t_step = time.perf_counter()
         sums = _train_step(task, engine, data, scfg, cfg.run.seed, step, rank, world)
-        # Skipped by our guard, or by DeepSpeed itself (it skips on overflow without calling us).
-        skipped = (
-            optimizer.last_step_skipped
-            or sums["nonfinite_loss"] > 0
-            or not math.isfinite(eng.global_grad_norm(engine))
-        )
-        state["skipped_steps"] += int(skipped)
-        state["nonfinite_streak"] = nonfinite_streak(
-            state["nonfinite_streak"],
-            skipped,
-            scfg.max_nonfinite_steps,
-            f"{stage} (last at step {step + 1}): lower {stage}.lr or check the data",
-        )
-        state["step"] = step + 1
+        metrics = _after_step(task, engine, optimizer, scfg, stage, state, sums, t_step)
         tokens += sums.get("tokens", 0.0)
-        metrics = {f"{stage}/{k}": v for k, v in task.finish_train(sums).items()}
-        metrics.update(
-            {
-                f"{stage}/lr": engine.get_lr()[0],
-                f"{stage}/grad_norm": eng.global_grad_norm(engine),
-                f"{stage}/skipped_steps": state["skipped_steps"],
-                f"{stage}/timing/step": time.perf_counter() - t_step,
-            }
-        )
         if tokens:  # language-modelling stages count tokens; preference stages count pairs
             metrics[f"{stage}/tokens_per_s"] = tokens / max(1e-9, time.time() - t_start)
         last = state["step"] == scfg.max_steps

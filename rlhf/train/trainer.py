@@ -85,12 +85,6 @@ def prepare_stage_data(cfg: Config, stage: str, init_dir: str, stage_dir: Path) 
 
 def run_stage(cfg: Config, stage: str, init_dir: str) -> dict:
     """Train `stage` from `init_dir` (or resume it); return its `done.json` summary."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-
-    from rlhf.train.loop import train_stage
-
     stage_dir, storage = stage_paths(cfg, stage)
     done = stage_dir / "done.json"
     if done.exists():
@@ -103,10 +97,50 @@ def run_stage(cfg: Config, stage: str, init_dir: str) -> dict:
     resume = newest_valid_checkpoint(sorted((storage / stage).glob("checkpoint_*")))
     if resume is not None:
         print(f"== {stage}: resuming from {resume}", flush=True)
+    trainer = _trainer(cfg, stage, init_dir, stage_dir, storage, resume)
+    try:
+        with _environment(ray_train_env()):
+            result = trainer.fit()
+    except Exception as exc:  # Ray wraps worker errors; surface the root cause, not the wrapper.
+        raise StageFailedError(f"{stage} failed: {_root_cause(exc)}") from exc
+    folders = sorted((storage / stage).glob("checkpoint_*"))
+    final = best_checkpoint(folders) if scfg.select_best else newest_valid_checkpoint(folders)
+    if final is None:
+        raise CheckpointError(f"{stage}: finished without a checkpoint under {storage / stage}")
+    selected = _selected(final, scfg.select_best)
+    print(f"== {stage}: exporting {selected['why']}", flush=True)
+    commit_dir(final / "model", stage_dir / "model")
+    summary = {
+        "stage": stage,
+        "model": str(stage_dir / "model"),
+        "init_from": str(init_dir),
+        "selected": selected,
+        "wall_s": round(time.time() - t0, 1),
+        "metrics": {k: v for k, v in (result.metrics or {}).items() if k.startswith(stage)},
+        "data": report,
+    }
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.rename(done)
+    return summary
+
+
+def _trainer(
+    cfg: Config, stage: str, init_dir: str, stage_dir: Path, storage: Path, resume: Path | None
+) -> Any:
+    """The stage's Ray Train trainer: its workers run `train_stage` from `init_dir`, or from
+    `resume` (a checkpoint folder), keeping checkpoints under `storage`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from rlhf.train.loop import train_stage
+
+    scfg = getattr(cfg, stage)
     # One worker on the torch engine talks to no other rank: no torch process group (TorchTrainer
     # forms one, gloo included: ~0.6 s of a 0.4M SFT stage's ~10 s start-up, 2026-12-02).
     alone = scfg.num_workers == 1 and scfg.engine_backend == "torch"
-    trainer = (DataParallelTrainer if alone else TorchTrainer)(
+    return (DataParallelTrainer if alone else TorchTrainer)(
         train_stage,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
@@ -139,31 +173,6 @@ def run_stage(cfg: Config, stage: str, init_dir: str) -> dict:
             failure_config=FailureConfig(max_failures=scfg.max_failures),
         ),
     )
-    try:
-        with _environment(ray_train_env()):
-            result = trainer.fit()
-    except Exception as exc:  # Ray wraps worker errors; surface the root cause, not the wrapper.
-        raise StageFailedError(f"{stage} failed: {_root_cause(exc)}") from exc
-    folders = sorted((storage / stage).glob("checkpoint_*"))
-    final = best_checkpoint(folders) if scfg.select_best else newest_valid_checkpoint(folders)
-    if final is None:
-        raise CheckpointError(f"{stage}: finished without a checkpoint under {storage / stage}")
-    selected = _selected(final, scfg.select_best)
-    print(f"== {stage}: exporting {selected['why']}", flush=True)
-    commit_dir(final / "model", stage_dir / "model")
-    summary = {
-        "stage": stage,
-        "model": str(stage_dir / "model"),
-        "init_from": str(init_dir),
-        "selected": selected,
-        "wall_s": round(time.time() - t0, 1),
-        "metrics": {k: v for k, v in (result.metrics or {}).items() if k.startswith(stage)},
-        "data": report,
-    }
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.rename(done)
-    return summary
 
 
 def check_resources(scfg: Any, stage: str) -> None:
