@@ -87,22 +87,9 @@ class RolloutPhase:
         seen: list[float] = []
         rounds = rl.filter_max_rounds if rl.filter_groups else 1
         for r in range(rounds):
-            t0 = time.perf_counter()
-            got = self.ahead.take(step, self.prompt_cursor) if r == 0 else None
-            if got is None:
-                prompts = self._next_prompts()
-                samples, compute_s = self._generate(prompts, step, r)
-            else:  # generated while the previous step(s) trained
-                prompts, samples, compute_s, hidden_s = got
-                self.prompt_cursor += len(prompts)
-                t["rollout/generate_hidden_s"] = hidden_s
+            prompts, samples, batch_ref, compute_s = self._round(step, r, t)
             generate_s += compute_s
-            self.dispatcher.check_versions(samples, self.version, rl.max_staleness)
-            batch_ref = None
-            if not rl.filter_groups or rl.reward.kind == "model":
-                batch_ref = self._batch_ref(prompts, samples)
             t1 = time.perf_counter()
-            t["timing/generate"] += t1 - t0
             scores = self._rewards(prompts, samples, batch_ref)
             if not rl.filter_groups:
                 if isinstance(scores, ray.ObjectRef):
@@ -140,6 +127,27 @@ class RolloutPhase:
         if rl.reward.kind == "model":
             metrics["compute/reward_s"] = reward_compute_s
         return prompts, samples, batch_ref, scores, metrics
+
+    def _round(self, step: int, round_: int, t: dict[str, float]) -> tuple[list, list, Any, float]:
+        """One round's prompts and samples (round 0: those generated ahead, if any), the batch's
+        object ref where it is needed before the scores, and the engine's compute seconds;
+        timed as `generate`."""
+        rl = self.rl
+        t0 = time.perf_counter()
+        got = self.ahead.take(step, self.prompt_cursor) if round_ == 0 else None
+        if got is None:
+            prompts = self._next_prompts()
+            samples, compute_s = self._generate(prompts, step, round_)
+        else:  # generated while the previous step(s) trained
+            prompts, samples, compute_s, hidden_s = got
+            self.prompt_cursor += len(prompts)
+            t["rollout/generate_hidden_s"] = hidden_s
+        self.dispatcher.check_versions(samples, self.version, rl.max_staleness)
+        batch_ref = None
+        if not rl.filter_groups or rl.reward.kind == "model":
+            batch_ref = self._batch_ref(prompts, samples)
+        t["timing/generate"] += time.perf_counter() - t0
+        return prompts, samples, batch_ref, compute_s
 
     def _batch_ref(self, prompts: list, samples: list) -> ray.ObjectRef:
         from rlhf.rl.experience import build_batch
