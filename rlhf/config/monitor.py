@@ -4,13 +4,13 @@ them), each with what a trip does and how long its condition must last.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, model_validator
 
 from rlhf.config.base import Section
 
-MONITOR_RULES = (
+MonitorRuleName = Literal[
     "non_finite",
     "kl",
     "reward_zscore",
@@ -20,7 +20,8 @@ MONITOR_RULES = (
     "entropy",
     "logprob_gap",
     "reward_hacking",
-)
+]
+MONITOR_RULES: tuple[str, ...] = get_args(MonitorRuleName)
 MonitorAction = Literal["warn", "pause", "stop"]
 
 
@@ -139,19 +140,7 @@ class MonitorConfig(Section):
     """Rules checked on every RL step's metrics; each can warn, pause (exit 3) or stop (exit 2)."""
 
     enabled: bool = Field(True, description="Run the monitor at all.")
-    acknowledge: list[
-        Literal[
-            "non_finite",
-            "kl",
-            "reward_zscore",
-            "no_signal",
-            "length",
-            "diversity",
-            "entropy",
-            "logprob_gap",
-            "reward_hacking",
-        ]
-    ] = Field(
+    acknowledge: list[MonitorRuleName] = Field(
         default_factory=list,
         description="Rules demoted to warn, e.g. [kl] to resume past a kl pause unchanged.",
     )

@@ -205,9 +205,11 @@ class RLConfig(Section):
         top_p 1): the logprobs they were sampled with are the old logprobs (the same module's
         forward up to float rounding: mean gap 3.7e-7 on the demo's PPO), so no separate
         old-logprob forward even with several mini-batches or epochs; the first mini-batch's
-        training forward, before any update, measures the gap instead."""
+        training forward, before any update, measures the gap instead. False where the update
+        is on-policy (`on_policy_update`: the training forward's own logprobs serve)."""
         return (
-            self.skip_passes == "auto"
+            not self.on_policy_update
+            and self.skip_passes == "auto"
             and self.generates_in_policy
             and self.max_staleness == 0
             and self.rollout.top_p == 1.0

@@ -185,10 +185,6 @@ class RLRun(ActorLayout, RolloutPhase):
         metrics["perf/outside_compute_frac"] = max(0.0, 1.0 - compute / metrics["timing/step"])
         return metrics
 
-    def _old_logprobs_from_sampler(self) -> bool:
-        """The policy sampled these with its current weights: their logprobs are the old ones."""
-        return not self.rl.on_policy_update and self.rl.old_logprobs_from_sampler
-
     def _forwards(self, batch_ref: Any, t: dict) -> tuple[list, list, list]:
         """The `ref`, `logprobs` and `values` phases, each only where something reads it:
         (reference, old-policy, value) parts, object refs or ones still running."""
@@ -207,7 +203,7 @@ class RLRun(ActorLayout, RolloutPhase):
             )
             with phase(t, "ref"):
                 ref_parts = wait_refs(self.groups[role].call_async(method, batch_ref))
-        if not rl.on_policy_update and not self._old_logprobs_from_sampler():
+        if not rl.on_policy_update and not rl.old_logprobs_from_sampler:
             with phase(t, "logprobs"):
                 old_parts = wait_refs(self.groups["policy"].call_async("logprobs", batch_ref))
         if rl.algorithm == "ppo":
@@ -231,7 +227,7 @@ class RLRun(ActorLayout, RolloutPhase):
         the advantages itself, waiting there for the reference. Returns the version the update
         stamped on the policy's own samples (rollout.backend='policy'), else None."""
         rl = self.rl
-        on_policy, from_sampler = rl.on_policy_update, self._old_logprobs_from_sampler()
+        on_policy, from_sampler = rl.on_policy_update, rl.old_logprobs_from_sampler
         if rl.engines_sleep:  # GPU: engines sharing the policy's GPUs free them while it trains
             with phase(t, "engine_sleep"):
                 ray.get(self.groups["rollout"].call_async("sleep"))  # the weight sync wakes them

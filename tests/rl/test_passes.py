@@ -255,6 +255,8 @@ def test_samples_of_the_policys_own_weights_need_no_old_logprob_forward(
     assert not rl_config(
         tmp_path, "rl.rollout.backend=policy", "rl.rollout.top_p=0.9"
     ).rl.old_logprobs_from_sampler  # top-p samples from a truncated distribution
+    on_policy = rl_config(tmp_path, "rl.rollout.backend=policy", "rl.mini_batch_size=8").rl
+    assert on_policy.on_policy_update and not on_policy.old_logprobs_from_sampler  # its own
     run = RLRun(cfg, str(tiny_dir), None, reward_fn=lambda question, answer, label: _coin(answer))
     try:
         w0 = _weights(run)
