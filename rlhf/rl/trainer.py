@@ -38,7 +38,7 @@ from typing import Any
 
 import ray
 
-from rlhf.config import Config
+from rlhf.config import Config, RLConfig
 from rlhf.rl.advantages import AdvantageWorker
 from rlhf.rl.errors import RLStageError
 from rlhf.rl.layout import ActorLayout
@@ -52,6 +52,28 @@ def phase(timings: dict[str, float], name: str):
     t0 = time.perf_counter()
     yield
     timings[f"timing/{name}"] = time.perf_counter() - t0
+
+
+def _reward_rule(rl: RLConfig, reward_fn: Any) -> Any:
+    """The rule scoring samples: `reward_fn` when given (it needs rl.reward.kind='rule'), else
+    rl.reward.rule loaded by name; None for a reward model. RLStageError for a bad one."""
+    if reward_fn is not None:
+        if rl.reward.kind != "rule":
+            raise RLStageError(
+                f"a reward function was passed in, but rl.reward.kind = "
+                f"{rl.reward.kind!r}: set rl.reward.kind=rule to use it"
+            )
+        if not callable(reward_fn):
+            raise RLStageError(f"reward_fn {reward_fn!r} is not callable")
+        return reward_fn
+    if rl.reward.kind != "rule":
+        return None
+    from rlhf.rl.rewards import RewardError, load_rule
+
+    try:
+        return load_rule(rl.reward.rule)
+    except RewardError as exc:
+        raise RLStageError(str(exc)) from None
 
 
 class RLRun(ActorLayout, RolloutPhase):
@@ -79,23 +101,7 @@ class RLRun(ActorLayout, RolloutPhase):
         if self.rl.eval_prompt_files:
             self.eval_prompts, _ = self._load_prompts(self.rl.eval_prompt_files)
             self.eval_prompts = self.eval_prompts[: self.rl.eval_prompts]
-        self.reward_rule = None
-        if reward_fn is not None:
-            if self.rl.reward.kind != "rule":
-                raise RLStageError(
-                    f"a reward function was passed in, but rl.reward.kind = "
-                    f"{self.rl.reward.kind!r}: set rl.reward.kind=rule to use it"
-                )
-            if not callable(reward_fn):
-                raise RLStageError(f"reward_fn {reward_fn!r} is not callable")
-            self.reward_rule = reward_fn
-        elif self.rl.reward.kind == "rule":
-            from rlhf.rl.rewards import RewardError, load_rule
-
-            try:
-                self.reward_rule = load_rule(self.rl.reward.rule)
-            except RewardError as exc:
-                raise RLStageError(str(exc)) from None
+        self.reward_rule = _reward_rule(self.rl, reward_fn)
         rl = self.rl
         self.kl = (
             KL_CONTROLLERS["fixed"](rl.kl_coef)

@@ -280,6 +280,46 @@ def test_the_policy_backend_samples_in_the_policys_actor_from_its_training_weigh
     assert saved.to_dict() == GenerationConfig.from_pretrained(tiny_dir).to_dict()
 
 
+def test_two_policy_ranks_each_sample_a_share_of_the_prompts_from_the_weights_they_train(
+    tmp_path, tiny_dir, ray_cluster
+):
+    """`rl.rollout.backend=policy` with 2 policy ranks (DeepSpeed data parallel): each rank's
+    actor is an engine and takes chunks of prompts; after every update both hold the new
+    weights (the first mini-batch's forward, on each rank's own rows, finds no gap with the
+    sampling logprobs of either), stamp the driver's version, and sample alike."""
+    cfg = rl_config(
+        tmp_path,
+        "rl.algorithm=grpo",
+        "rl.rollout.backend=policy",
+        "rl.policy.num_actors=2",
+        "rl.reference.num_actors=2",  # colocated with the policy in tiny_cpu.yaml
+        "rl.kl_in_reward=false",
+        "rl.policy.warmup_steps=0",
+        "rl.entropy_coef=0.05",  # a random model earns no reward: this moves it
+    )
+    assert cfg.rl.old_logprobs_from_sampler  # two mini-batches: the sampler's are the old ones
+    run = RLRun(cfg, str(tiny_dir), reward_model_dir=None)
+    try:
+        assert "rollout" not in run.groups
+        ranks = run.groups["policy"].actors
+        assert run.engine_actors() == ranks and len(ranks) == 2
+        w0 = _weights(_weight_buckets(run))
+        steps = [run.step(step) for step in range(2)]
+        assert all(m["rollout/logprob_gap"] < 1e-4 for m in steps), steps
+        assert min(run.dispatcher.served) > 0, run.dispatcher.served  # both ranks sampled
+        assert sum(run.dispatcher.served) >= 2 * cfg.rl.prompts_per_step
+        w2 = _weights(_weight_buckets(run))
+        assert max((w2[k] - w0[k]).abs().max().item() for k in w0) > 1e-4  # it trained
+        got = ray.get([r.generate.remote([[2, 6, 7, 1, 4]], 2, 4, 1.0, 1.0, 7) for r in ranks])
+        (a, _), (b, _) = got
+        assert [s.weights_version for s in a + b] == [run.version] * 4 and run.version == 2
+        assert [s.token_ids for s in a] == [s.token_ids for s in b]
+        for x, y in zip(a, b):
+            assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+    finally:
+        run.shutdown()
+
+
 def test_run_rl_saves_a_loadable_policy(tmp_path, tiny_dir, ray_cluster):
     from transformers import AutoModelForCausalLM
 
