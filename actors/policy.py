@@ -44,7 +44,7 @@ class PolicyActor(_Trained, Generates):
         self.engine = _engine(model, rl.policy, rl, _optimizer_steps(rl), self.on_gpu, self.world)
         self.reference = None
         if reference_path is not None:
-            self.reference = _frozen_reference(cfg, reference_path, self.on_gpu)
+            self.reference = _frozen_reference(cfg, reference_path, self.device)
         self.model_path = model_path
         self.role_name = "policy"
         self.version = 0

@@ -107,15 +107,16 @@ def _engine(
     )
 
 
-def _frozen_reference(cfg: Config, model_path: str, on_gpu: bool) -> torch.nn.Module:
-    """The reference policy as `rl.reference` asks (precision, ZeRO stage), frozen."""
+def _frozen_reference(cfg: Config, model_path: str, device: torch.device) -> torch.nn.Module:
+    """The reference policy as `rl.reference` asks (precision, ZeRO stage), frozen, on `device`
+    (the rank's)."""
     from rlhf import engine as eng
     from rlhf.models.factory import load_causal_lm
 
     ref = cfg.rl.reference
-    dtype = eng.precision_dtype(ref.precision, on_gpu)
+    dtype = eng.precision_dtype(ref.precision, device.type == "cuda")
     model = load_causal_lm(model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-    return eng.init_frozen(model, ref.zero_stage, ref.micro_batch_size, dtype)
+    return eng.init_frozen(model, ref.zero_stage, ref.micro_batch_size, dtype, device)
 
 
 class _Trained(_Rank):

@@ -31,7 +31,7 @@ class ReferenceActor(_Rank):
     def __init__(self, cfg: Config, model_path: str) -> None:
         self.rl = cfg.rl
         self._setup(cfg.rl.reference, model_path)
-        self.model = _frozen_reference(cfg, model_path, self.on_gpu)
+        self.model = _frozen_reference(cfg, model_path, self.device)
 
     def logprobs(self, batch: dict) -> dict:
         return self._logprobs_part(self.model, batch, self.rl.reference.micro_batch_size)
@@ -50,8 +50,9 @@ class RewardActor(_Rank):
         self.model = load_reward_model(
             model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
         )
+        rm = cfg.rl.reward_model
         self.model = eng.init_frozen(
-            self.model, cfg.rl.reward_model.zero_stage, cfg.rl.reward_model.micro_batch_size, dtype
+            self.model, rm.zero_stage, rm.micro_batch_size, dtype, self.device
         )
 
     def scores(self, batch: dict) -> dict:

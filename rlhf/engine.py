@@ -116,18 +116,22 @@ def init_engine(
 
 
 def init_frozen(
-    model: torch.nn.Module, zero_stage: int, micro_batch_size: int, dtype: torch.dtype
+    model: torch.nn.Module,
+    zero_stage: int,
+    micro_batch_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> Any:
     """A frozen model for inference (reference, reward model) on this rank.
 
     ZeRO-3 shards its parameters over the role's ranks through DeepSpeed (gathered layer by layer
-    in forward); stages 0-2 only partition optimizer state and gradients, which a frozen model
-    has none of, so it stays a plain module.
+    in forward, on DeepSpeed's device); stages 0-2 only partition optimizer state and gradients,
+    which a frozen model has none of, so it stays a plain module, moved to `device`.
     """
     model.requires_grad_(False)
     model.eval()
     if zero_stage != 3:
-        return model
+        return model.to(device)
     import deepspeed
 
     config = {

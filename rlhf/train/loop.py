@@ -118,15 +118,21 @@ def evaluate(
         batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     else:
         batches = token_budget_batches(rows, task.length, max_tokens)
+    device = next(model.parameters()).device
     with torch.no_grad():
         for part in batches:
-            batch = task.collate(part)
+            batch = _on(device, task.collate(part))
             for k, v in task.eval_sums(model, batch).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
     # Ranks with an empty slice still take part in the all-reduce.
     sums = all_reduce_sum({k: sums.get(k, 0.0) for k in task.eval_keys})
     model.train()
     return task.finish_eval(sums)
+
+
+def _on(device: torch.device, batch: dict) -> dict:
+    """A collated batch's tensors on the model's device (a GPU stage's model is on its GPU)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _save(
@@ -261,7 +267,8 @@ def _train_step(
         gas = engine.grad_accum_steps = len(parts)
     else:
         parts = [rows[(k * world + rank) * mb : (k * world + rank + 1) * mb] for k in range(gas)]
-    micro = (task.collate(part) for part in parts)
+    device = next(engine.module.parameters()).device
+    micro = (_on(device, task.collate(part)) for part in parts)
     sums, _, bad = accumulate(
         engine, micro, lambda b: task.loss(engine.module, b, norm), world, gas, loss_key="loss"
     )

@@ -45,3 +45,18 @@ def test_guarded_adamw_reads_the_verdict_from_a_given_gradient_norm():
     assert opt.skipped_steps == 1 and torch.equal(p.data, torch.ones(3)) and not opt.state
     opt.step(grad_norm=math.sqrt(3.0))
     assert opt.skipped_steps == 1 and torch.allclose(p.data, torch.full((3,), 0.9))
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_a_frozen_model_goes_to_the_ranks_device_and_stops_learning(zero_stage):
+    """The reference and reward model below ZeRO-3 stay plain modules: on the rank's device
+    (a GPU rank's model on its GPU; found left on the CPU by the first GPU run, 2026-12-04)."""
+    from rlhf.engine import init_frozen
+    from rlhf.models.factory import build_tiny_model
+
+    model = build_tiny_model(
+        hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64
+    )
+    frozen = init_frozen(model, zero_stage, 4, torch.float32, torch.device("meta"))
+    assert {p.device.type for p in frozen.parameters()} == {"meta"}
+    assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
