@@ -225,7 +225,7 @@ def evaluate_judged(
         load_scored_prompts,
         reward_scores,
     )
-    from rlhf.judge import judge_pairs, parse_judge
+    from rlhf.judge import parse_judge
 
     specs = [parse_judge(s, cfg.judge) for s in judges]
     prompts, labels, message_lists = load_scored_prompts(cfg)
@@ -258,29 +258,50 @@ def evaluate_judged(
         }
         if blocks:
             per[name]["pretrain_ppl"] = perplexity(policies[name], blocks)
-        if name == baseline:
-            continue
-        per[name]["accuracy_change"] = per[name]["accuracy"] - per[baseline]["accuracy"]
-        refused, refused_before = per[name]["refusal_rate"], per[baseline]["refusal_rate"]
-        per[name]["refusal_rate_change"] = {c: refused[c] - refused_before[c] for c in refused}
-        per[name]["win_rate"] = {}
-        for kind, value in specs:
-            got = judge_pairs(
-                kind, value, cfg.judge, prompts, answers[name], answers[baseline], labels
+        if name != baseline:
+            mine, base = per[name], per[baseline]
+            mine.update(_changes(mine, base))
+            mine["win_rate"] = _judged(
+                cfg, specs, prompts, labels, answers[name], answers[baseline]
             )
-            wr = win_rate(got["verdicts"])
-            if "order_disagreements" in got:
-                wr["order_disagreements"] = sum(got["order_disagreements"])
-            per[name]["win_rate"][f"{kind}={value}"] = wr
-        if blocks:
-            per[name]["pretrain_ppl_change"] = (
-                per[name]["pretrain_ppl"] - per[baseline]["pretrain_ppl"]
-            )
+            if blocks:
+                mine["pretrain_ppl_change"] = mine["pretrain_ppl"] - base["pretrain_ppl"]
     out["policies"] = per
     rm = next((v for k, v in specs if k == "reward_model"), None)
     if rm:
         out.update(_reward_model_biases(cfg, rm, names, prompts, labels, answers, reward_scores))
     return _round(out)
+
+
+def _changes(mine: dict, base: dict) -> dict[str, Any]:
+    """A policy's accuracy and refusal rate per category minus the baseline's."""
+    refused, before = mine["refusal_rate"], base["refusal_rate"]
+    return {
+        "accuracy_change": mine["accuracy"] - base["accuracy"],
+        "refusal_rate_change": {c: refused[c] - before[c] for c in refused},
+    }
+
+
+def _judged(
+    cfg: Any,
+    specs: list[tuple[str, str]],
+    prompts: list,
+    labels: list,
+    mine: list[str],
+    base: list[str],
+) -> dict[str, dict]:
+    """Win rate of `mine` over the baseline's answers by every judge (`kind=value`), with the
+    order disagreements of a judge that reads both orders."""
+    from rlhf.judge import judge_pairs
+
+    rates = {}
+    for kind, value in specs:
+        got = judge_pairs(kind, value, cfg.judge, prompts, mine, base, labels)
+        wr = win_rate(got["verdicts"])
+        if "order_disagreements" in got:
+            wr["order_disagreements"] = sum(got["order_disagreements"])
+        rates[f"{kind}={value}"] = wr
+    return rates
 
 
 def _reward_model_biases(cfg, rm, names, prompts, labels, answers, reward_scores) -> dict:
