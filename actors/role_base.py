@@ -90,20 +90,12 @@ def _engine(
 ) -> Any:
     from rlhf import engine as eng
 
-    return eng.init_engine(
+    return eng.engine_for(
         model,
-        lr=role.lr,
-        betas=tuple(role.betas),
-        weight_decay=role.weight_decay,
-        warmup_steps=role.warmup_steps,
+        role,
         max_steps=max(total_steps, role.warmup_steps + 1),
-        min_lr_ratio=role.min_lr_ratio,
-        zero_stage=role.zero_stage,
-        micro_batch_size=role.micro_batch_size,
         grad_accum_steps=rl.mini_batch_size // (role.micro_batch_size * world),
-        grad_clip=role.grad_clip,
-        dtype=eng.precision_dtype(role.precision, on_gpu),
-        backend=role.engine_backend,
+        on_gpu=on_gpu,
     )
 
 

@@ -67,6 +67,29 @@ def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio:
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def engine_for(
+    model: torch.nn.Module, section: Any, *, max_steps: int, grad_accum_steps: int, on_gpu: bool
+) -> Any:
+    """`init_engine` with the settings of a config section, an offline stage's or an RL role's
+    (lr, betas, weight_decay, warmup_steps, min_lr_ratio, zero_stage, micro_batch_size,
+    grad_clip, precision, engine_backend)."""
+    return init_engine(
+        model,
+        lr=section.lr,
+        betas=tuple(section.betas),
+        weight_decay=section.weight_decay,
+        warmup_steps=section.warmup_steps,
+        max_steps=max_steps,
+        min_lr_ratio=section.min_lr_ratio,
+        zero_stage=section.zero_stage,
+        micro_batch_size=section.micro_batch_size,
+        grad_accum_steps=grad_accum_steps,
+        grad_clip=section.grad_clip,
+        dtype=precision_dtype(section.precision, on_gpu),
+        backend=section.engine_backend,
+    )
+
+
 def init_engine(
     model: torch.nn.Module,
     *,

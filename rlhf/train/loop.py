@@ -191,7 +191,13 @@ def train_stage(loop_config: dict) -> None:
     marks.append(time.time())
     model = task.build_model(cfg, init_dir)
     marks.append(time.time())
-    engine = _stage_engine(model, scfg)
+    engine = eng.engine_for(
+        model,
+        scfg,
+        max_steps=scfg.max_steps,
+        grad_accum_steps=scfg.grad_accum_steps,
+        on_gpu=scfg.use_gpu,
+    )
     marks.append(time.time())
     state = {"step": 0, "skipped_steps": 0, "nonfinite_streak": 0}
     if resume_dir:
@@ -213,25 +219,6 @@ def train_stage(loop_config: dict) -> None:
         writer.log_event("startup", _startup(launched, t_enter, marks, scfg, resumed))
     _run_steps(task, engine, data, cfg, stage, state, rank, world, writer, init_dir)
     writer.close()
-
-
-def _stage_engine(model: torch.nn.Module, scfg: Any) -> Any:
-    """The stage's DeepSpeed or plain-torch engine around `model`, as `<stage>.*` asks."""
-    return eng.init_engine(
-        model,
-        lr=scfg.lr,
-        betas=tuple(scfg.betas),
-        weight_decay=scfg.weight_decay,
-        warmup_steps=scfg.warmup_steps,
-        max_steps=scfg.max_steps,
-        min_lr_ratio=scfg.min_lr_ratio,
-        zero_stage=scfg.zero_stage,
-        micro_batch_size=scfg.micro_batch_size,
-        grad_accum_steps=scfg.grad_accum_steps,
-        grad_clip=scfg.grad_clip,
-        dtype=eng.precision_dtype(scfg.precision, scfg.use_gpu),
-        backend=scfg.engine_backend,
-    )
 
 
 def _startup(
