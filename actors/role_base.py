@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from rlhf.config import Config, RoleConfig, TrainRoleConfig
+from rlhf.train.core import to_device
 
 
 class _Rank:
@@ -58,7 +59,7 @@ class _Rank:
     def _to_device(self, batch: Any) -> Any:
         """An `Experience` (or a PPO-ptx batch dict) on this rank's device."""
         if isinstance(batch, dict):
-            return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            return to_device(batch, self.device)
         return batch.to(self.device)
 
     def ready(self) -> int:

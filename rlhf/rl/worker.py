@@ -316,6 +316,7 @@ def ptx_stream(
     """Endless shuffled batches of tokenized SFT rows (input_ids, labels) for PPO-ptx, on
     `device` (the policy's training device), from batch number `start` on (a new permutation
     every epoch; a resumed run passes the count it had drawn)."""
+    from rlhf.train.core import to_device
     from rlhf.train.tasks import _lm_collate
 
     per_epoch = len(rows) // batch_size
@@ -327,5 +328,5 @@ def ptx_stream(
         order = torch.randperm(len(rows), generator=gen).tolist()
         for b in range(skip, per_epoch):
             batch = _lm_collate([rows[i] for i in order[b * batch_size : (b + 1) * batch_size]])
-            yield {k: v.to(device) for k, v in batch.items()}
+            yield to_device(batch, device)
         epoch, skip = epoch + 1, 0

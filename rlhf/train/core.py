@@ -42,6 +42,12 @@ def optimizer_of(engine: Any) -> eng.GuardedAdamW:
     return opt if isinstance(opt, eng.GuardedAdamW) else opt.optimizer
 
 
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """A batch dict's tensors on `device` (the model's: a GPU rank's batches go to its GPU);
+    other values as they are."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def several_ranks() -> bool:
     """Whether a process group of more than one rank is up."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -40,6 +40,7 @@ from rlhf.train.core import (
     nonfinite_streak,
     optimizer_of,
     save_part,
+    to_device,
 )
 from rlhf.train.metrics import MetricsWriter
 from rlhf.train.tasks import TASKS, StageTask
@@ -121,18 +122,13 @@ def evaluate(
     device = next(model.parameters()).device
     with torch.no_grad():
         for part in batches:
-            batch = _on(device, task.collate(part))
+            batch = to_device(task.collate(part), device)
             for k, v in task.eval_sums(model, batch).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
     # Ranks with an empty slice still take part in the all-reduce.
     sums = all_reduce_sum({k: sums.get(k, 0.0) for k in task.eval_keys})
     model.train()
     return task.finish_eval(sums)
-
-
-def _on(device: torch.device, batch: dict) -> dict:
-    """A collated batch's tensors on the model's device (a GPU stage's model is on its GPU)."""
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _save(
@@ -259,7 +255,7 @@ def _train_step(
     else:
         parts = [rows[(k * world + rank) * mb : (k * world + rank + 1) * mb] for k in range(gas)]
     device = next(engine.module.parameters()).device
-    micro = (_on(device, task.collate(part)) for part in parts)
+    micro = (to_device(task.collate(part), device) for part in parts)
     sums, _, bad = accumulate(
         engine, micro, lambda b: task.loss(engine.module, b, norm), world, gas, loss_key="loss"
     )
