@@ -84,13 +84,11 @@ class Pipeline:
         else:
             self.cfg = load_config(config, overrides)
         if reward_fn is not None:
-            if not callable(reward_fn):
-                raise ConfigError(f"reward_fn {reward_fn!r} is not callable")
-            if self.cfg.rl.reward.kind != "rule":
-                raise ConfigError(
-                    f"reward_fn was given but rl.reward.kind = {self.cfg.rl.reward.kind!r}: "
-                    "set rl.reward.kind=rule to use it"
-                )
+            from rlhf.rl.rewards import reward_fn_problem
+
+            problem = reward_fn_problem(reward_fn, self.cfg.rl.reward.kind)
+            if problem:
+                raise ConfigError(problem)
         self.reward_fn = reward_fn
         self.outputs: dict[str, StageResult] = self._finished()
         self.evaluation: dict[str, Any] = {}

@@ -59,6 +59,18 @@ def digit_match(prompt: str, response: str, label: str | None) -> float:
 RULES: dict[str, RuleFn] = {"exact_match": exact_match, "digit_match": digit_match}
 
 
+def reward_fn_problem(reward_fn: object, kind: str) -> str | None:
+    """Why a reward function passed in from Python cannot score samples when rl.reward.kind is
+    `kind`; None when it can."""
+    if not callable(reward_fn):
+        return f"reward_fn {reward_fn!r} is not callable"
+    if kind != "rule":
+        return (
+            f"reward_fn was given but rl.reward.kind = {kind!r}: set rl.reward.kind=rule to use it"
+        )
+    return None
+
+
 def load_rule(spec: str) -> RuleFn:
     """A built-in rule by name, or `package.module:function`."""
     if spec in RULES:

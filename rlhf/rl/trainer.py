@@ -57,18 +57,15 @@ def phase(timings: dict[str, float], name: str):
 def _reward_rule(rl: RLConfig, reward_fn: Any) -> Any:
     """The rule scoring samples: `reward_fn` when given (it needs rl.reward.kind='rule'), else
     rl.reward.rule loaded by name; None for a reward model. RLStageError for a bad one."""
+    from rlhf.rl.rewards import RewardError, load_rule, reward_fn_problem
+
     if reward_fn is not None:
-        if rl.reward.kind != "rule":
-            raise RLStageError(
-                f"a reward function was passed in, but rl.reward.kind = "
-                f"{rl.reward.kind!r}: set rl.reward.kind=rule to use it"
-            )
-        if not callable(reward_fn):
-            raise RLStageError(f"reward_fn {reward_fn!r} is not callable")
+        problem = reward_fn_problem(reward_fn, rl.reward.kind)
+        if problem:
+            raise RLStageError(problem)
         return reward_fn
     if rl.reward.kind != "rule":
         return None
-    from rlhf.rl.rewards import RewardError, load_rule
 
     try:
         return load_rule(rl.reward.rule)
