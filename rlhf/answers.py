@@ -59,12 +59,14 @@ def policies_answers(
     message_lists: int = 0,
     engine: str = "transformers",
     resources: dict[str, float] | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, tuple[list[str], list[list[str]]]]:
     """Per policy (name -> checkpoint folder): greedy answers to prompts (lists of turns, rendered
     by `prompt_format`) and `num_samples` sampled ones each, stopping at EOS: (greedy, sampled).
     `message_lists`: how many prompts came as lists of turns (for `auto`). `engine="vllm"`: one
     vLLM engine answers for every policy in turn (`engine_tokens`), else transformers in this
-    process (left padding, each model loaded once)."""
+    process (left padding, each model loaded once) on `device` (None: `local_device()`, the
+    process's GPU where it has one)."""
     encoded = {
         name: encode_prompts(path, prompts, prompt_format, message_lists)
         for name, path in policies.items()
@@ -80,6 +82,7 @@ def policies_answers(
                 temperature,
                 seed,
                 batch_size,
+                device,
             )
             for name, (tok, rendered) in encoded.items()
         }
@@ -110,17 +113,21 @@ def _transformers_answers(
     temperature: float,
     seed: int,
     batch_size: int,
+    device: str | torch.device | None,
 ) -> tuple[list[str], list[list[str]]]:
     from transformers import AutoModelForCausalLM
 
+    from rlhf.models.factory import local_device
+
+    device = torch.device(device) if device is not None else local_device()
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
 
     def generate(**sampling) -> list[str]:
         out: list[str] = []
         for i in range(0, len(rendered), batch_size):
             batch = [{"input_ids": ids} for ids in rendered[i : i + batch_size]]
-            enc = tok.pad(batch, padding=True, return_tensors="pt")
+            enc = tok.pad(batch, padding=True, return_tensors="pt").to(device)
             ids = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
@@ -134,7 +141,8 @@ def _transformers_answers(
         return out
 
     sampled: list[list[str]] = []
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    rng_devices = [device] if device.type == "cuda" else []  # sampling draws from its RNG
+    with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
         greedy = generate(do_sample=False)
         if num_samples > 0:
             torch.manual_seed(seed)

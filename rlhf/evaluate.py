@@ -41,13 +41,16 @@ def reward_scores(
     batch_size: int = 64,
     prompt_format: str = "auto",
     message_lists: int = 0,
+    device: str | torch.device | None = None,
 ) -> list[float]:
-    """Reward-model scores of (prompt, answer) pairs, tokenized as the RM's training rows."""
+    """Reward-model scores of (prompt, answer) pairs, tokenized as the RM's training rows, on
+    `device` (None: `local_device()`, the process's GPU where it has one)."""
     from rlhf.data.render import tokenize_example
-    from rlhf.models.factory import load_reward_model, sequence_rewards
+    from rlhf.models.factory import load_reward_model, local_device, sequence_rewards
 
+    device = torch.device(device) if device is not None else local_device()
     tok, fmt = load_tokenizer(rm_dir, prompt_format, message_lists)
-    model = load_reward_model(rm_dir).eval()
+    model = load_reward_model(rm_dir).to(device).eval()
     rows = [
         tokenize_example([*p, {"role": "assistant", "content": a}], tok, fmt)[0]
         for p, a in zip(prompts, answers)
@@ -56,8 +59,9 @@ def reward_scores(
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
             batch = [{"input_ids": ids} for ids in rows[i : i + batch_size]]
-            enc = tok.pad(batch, padding=True, return_tensors="pt")
-            scores.extend(sequence_rewards(model, enc["input_ids"], enc["attention_mask"]).tolist())
+            enc = tok.pad(batch, padding=True, return_tensors="pt").to(device)
+            rewards = sequence_rewards(model, enc["input_ids"], enc["attention_mask"])
+            scores.extend(rewards.float().tolist())
     return scores
 
 

@@ -189,10 +189,16 @@ def ai_first_probs(
     constitution: str,
     batch_size: int = 8,
     max_length: int = 2048,
+    device: str | torch.device | None = None,
 ) -> list[float]:
     """P(A is better) for each (question, answer A, answer B): the judge's next-token
-    probabilities of the two labels, renormalised over the two."""
+    probabilities of the two labels, renormalised over the two; the judge runs on `device`
+    (None: `local_device()`, the process's GPU where it has one)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.models.factory import local_device
+
+    device = torch.device(device) if device is not None else local_device()
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     context = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
@@ -214,12 +220,13 @@ def ai_first_probs(
                 "the answers, or use a judge with a longer context"
             )
         rows.append((ids, ta, tb))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     probs: list[float] = []
     with torch.no_grad():
         for s in range(0, len(rows), batch_size):
             chunk = rows[s : s + batch_size]
             enc = tok.pad([{"input_ids": r[0]} for r in chunk], padding=True, return_tensors="pt")
+            enc = enc.to(device)
             mask = enc["attention_mask"]
             positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens from 0
             logits = model(enc["input_ids"], attention_mask=mask, position_ids=positions).logits

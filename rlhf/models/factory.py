@@ -197,6 +197,14 @@ def default_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
+def local_device() -> torch.device:
+    """Where this process runs the models it loads itself (held-out answers, reward-model scores,
+    the AI judge): its current GPU when it sees one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _load(auto_cls: type, path: str | Path, dtype, trust_remote_code: bool, **overrides):
     """`auto_cls.from_pretrained` with config attributes overridden and errors naming the path."""
     path = Path(path)

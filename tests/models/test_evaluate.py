@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlhf.answers import policies_answers, policy_answers, reloadable
 from rlhf.config import load_config
 from rlhf.data import DataError
-from rlhf.evaluate import evaluate_policies, mcnemar_p, paired_p
+from rlhf.evaluate import evaluate_policies, mcnemar_p, paired_p, reward_scores
 from rlhf.models.factory import ensure_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,6 +85,31 @@ def test_the_vllm_engine_answers_greedily_as_transformers_does(tiny_dir):
     theirs, _ = policy_answers(str(tiny_dir), chats, 6, engine="transformers")
     assert ours == theirs and len(set(ours)) > 1  # fp32 on both sides; a random model varies
     assert [len(many) for many in sampled] == [3] * len(QUESTIONS)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="runs where a CUDA GPU is")
+def test_a_process_with_a_gpu_answers_scores_and_judges_there_as_on_the_cpu(tiny_dir):
+    # Held-out answers, reward-model scores and the AI judge run on the driver's GPU by default.
+    from rlhf.judge import ai_first_probs
+    from rlhf.models.factory import local_device
+
+    assert local_device().type == "cuda"
+    torch.cuda.reset_peak_memory_stats()
+    chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    ours, sampled = policy_answers(str(tiny_dir), chats, 6, num_samples=2)
+    assert torch.cuda.max_memory_allocated() > 0  # the model ran there
+    cpu, _ = policy_answers(str(tiny_dir), chats, 6, device="cpu")
+    assert ours == cpu and len(set(ours)) > 1  # fp32 on both sides; a random model varies
+    assert [len(many) for many in sampled] == [2] * len(QUESTIONS)
+    # The checkpoint as a reward model (a seeded new head), in bf16 on both devices.
+    scores = reward_scores(str(tiny_dir), chats, ours)
+    assert scores == pytest.approx(
+        reward_scores(str(tiny_dir), chats, ours, device="cpu"), abs=0.05
+    )
+    queries = [(q, a, "0") for q, a in zip(QUESTIONS, ours)]
+    probs = ai_first_probs(str(tiny_dir), queries, "Prefer the correct answer.")
+    cpu_probs = ai_first_probs(str(tiny_dir), queries, "Prefer the correct answer.", device="cpu")
+    assert probs == pytest.approx(cpu_probs, abs=1e-4)
 
 
 def test_one_vllm_engine_answers_for_each_policy_as_transformers_does(
