@@ -119,7 +119,7 @@ def _transformers_answers(
 
     from rlhf.models.factory import local_device
 
-    device = torch.device(device) if device is not None else local_device()
+    device = local_device(device)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
 

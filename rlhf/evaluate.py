@@ -48,7 +48,7 @@ def reward_scores(
     from rlhf.data.render import tokenize_example
     from rlhf.models.factory import load_reward_model, local_device, sequence_rewards
 
-    device = torch.device(device) if device is not None else local_device()
+    device = local_device(device)
     tok, fmt = load_tokenizer(rm_dir, prompt_format, message_lists)
     model = load_reward_model(rm_dir).to(device).eval()
     rows = [

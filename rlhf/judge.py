@@ -198,7 +198,7 @@ def ai_first_probs(
 
     from rlhf.models.factory import local_device
 
-    device = torch.device(device) if device is not None else local_device()
+    device = local_device(device)
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     context = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)

@@ -197,9 +197,11 @@ def default_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
-def local_device() -> torch.device:
+def local_device(device: str | torch.device | None = None) -> torch.device:
     """Where this process runs the models it loads itself (held-out answers, reward-model scores,
-    the AI judge): its current GPU when it sees one, else the CPU."""
+    the AI judge): `device` when given, else its current GPU when it sees one, else the CPU."""
+    if device is not None:
+        return torch.device(device)
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
