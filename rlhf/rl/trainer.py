@@ -43,6 +43,7 @@ from rlhf.rl.advantages import AdvantageWorker
 from rlhf.rl.errors import RLStageError
 from rlhf.rl.layout import ActorLayout
 from rlhf.rl.rollouts import RolloutPhase, wait_refs
+from rlhf.rl.weight_sync import WeightSync
 
 __all__ = ["AdvantageWorker", "RLRun", "RLStageError", "phase"]
 
@@ -73,7 +74,7 @@ def _reward_rule(rl: RLConfig, reward_fn: Any) -> Any:
         raise RLStageError(str(exc)) from None
 
 
-class RLRun(ActorLayout, RolloutPhase):
+class RLRun(ActorLayout, RolloutPhase, WeightSync):
     """Actors, data and state of one RL stage; `step()` is one checklist."""
 
     def __init__(
@@ -270,21 +271,6 @@ class RLRun(ActorLayout, RolloutPhase):
             )
         return stamp
 
-    def _sync(self, stamp: int | None) -> None:
-        """The `weight_sync` phase: the engines get the new weights, or, where the policy's
-        samples already carry the new version (`stamp`), the version only."""
-        from rlhf.rl.faults import recoverable
-
-        try:
-            if stamp is None:
-                self.sync_weights()
-            else:
-                self.version = stamp
-        except recoverable() as exc:  # the policy has trained: re-sync, don't redo the step
-            from rlhf.rl.faults import resync_after_train
-
-            resync_after_train(self, exc)
-
     def _response_metrics(self, samples: list) -> dict[str, float]:
         """Length, truncation and diversity of the step's responses; the KL coefficient and the
         policy's version after the step."""
@@ -314,46 +300,6 @@ class RLRun(ActorLayout, RolloutPhase):
                 f"step {step + 1}: mean |trainer - rollout| logprob gap {gap:.4f} > "
                 f"rl.rollout.max_logprob_gap = {limit}: the engines do not run the policy's "
                 f"weights{when}"
-            )
-
-    def sync_weights(self) -> None:
-        """The policy's current weights into every engine, as the next version."""
-        self.version += 1
-        self.push_weights()
-
-    def push_weights(self) -> None:
-        """The policy's weights into every engine as `self.version`, in buckets of
-        `rl.rollout.weight_bucket_mb`; afterwards all report it. `sync_stats` gets the seconds of
-        each part (`weight_sync/...`)."""
-        policy, engines = self.groups["policy"], self.engine_actors()
-        bucket_bytes = int(self.rl.rollout.weight_bucket_mb * 2**20)
-        if self.rl.generates_in_policy:  # the engines sample from the trained weights
-            versions = ray.get(policy.call_async("set_rollout_version", self.version))
-            self.reload_s, self.sync_stats = 0.0, {}
-        elif self.rl.uses_broadcast_sync:  # every policy rank gathers, rank 0 broadcasts buckets
-            sent = policy.call_async("send_weights", bucket_bytes)
-            got = [e.receive_weights.remote(self.version) for e in engines]
-            self.sync_stats = ray.get(sent)[0]
-            self.reload_s = max(ray.get(got))
-            versions = ray.get([e.version.remote() for e in engines])
-        else:  # rank 0 puts flat buckets in the object store; every engine maps and loads them
-            sent = ray.get(policy.call_async("weights_ref", bucket_bytes))[0]
-            buckets = sent.pop("buckets")
-            loaded = ray.get([e.load_weights.remote(buckets, self.version) for e in engines])
-            del buckets  # the objects are freed once no engine holds them either
-            self.reload_s = max(x["reload_s"] for x in loaded)
-            fetch_s = max(x["fetch_s"] for x in loaded)
-            self.sync_stats = {
-                **sent,
-                "weight_sync/fetch_s": fetch_s,
-                "weight_sync/reload_s": self.reload_s,
-            }
-            versions = [x["version"] for x in loaded]
-        if any(v != self.version for v in versions):
-            from rlhf.rl.dispatch import StaleEngineError
-
-            raise StaleEngineError(
-                f"after the weight sync engines report versions {versions}, expected {self.version}"
             )
 
     # ---- checkpoints --------------------------------------------------------------------------
