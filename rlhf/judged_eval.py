@@ -262,7 +262,7 @@ def evaluate_judged(
             mine, base = per[name], per[baseline]
             mine.update(_changes(mine, base))
             mine["win_rate"] = _judged(
-                cfg, specs, prompts, labels, answers[name], answers[baseline]
+                cfg.judge, specs, prompts, labels, answers[name], answers[baseline]
             )
             if blocks:
                 mine["pretrain_ppl_change"] = mine["pretrain_ppl"] - base["pretrain_ppl"]
@@ -283,7 +283,7 @@ def _changes(mine: dict, base: dict) -> dict[str, Any]:
 
 
 def _judged(
-    cfg: Any,
+    jcfg: Any,
     specs: list[tuple[str, str]],
     prompts: list,
     labels: list,
@@ -296,7 +296,7 @@ def _judged(
 
     rates = {}
     for kind, value in specs:
-        got = judge_pairs(kind, value, cfg.judge, prompts, mine, base, labels)
+        got = judge_pairs(kind, value, jcfg, prompts, mine, base, labels)
         wr = win_rate(got["verdicts"])
         if "order_disagreements" in got:
             wr["order_disagreements"] = sum(got["order_disagreements"])
